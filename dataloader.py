@@ -1,0 +1,146 @@
+"""ISBI 2012 slices as a OneFlow dataset.
+
+`SelfDataSet` pairs `image_dir/NAME.png` with `label_dir/NAME.png`, scales images to [0, 1] with
+`preprocess` (prediction uses the same function), binarises labels (255 = cell -> 1, 0 = membrane -> 0)
+and augments with the 8 flips/rotations of the square and optional random crops.
+
+    python3 dataloader.py --data_path data/train     # checks the folder and prints what it found
+"""
+import argparse
+import os
+import re
+import sys
+
+import cv2
+import numpy as np
+import oneflow as flow
+
+IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the path and what is wrong."""
+
+
+def natural_key(name):
+    # 2.png before 10.png, as the slices are numbered.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def list_images(folder):
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: no such folder")
+    names = sorted((n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS)), key=natural_key)
+    if not names:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}) in this folder")
+    return names
+
+
+def read_gray(path):
+    """An 8-bit single-channel image as a uint8 HxW array."""
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DataError(f"{path}: not a readable image (missing, corrupt or unsupported format)")
+    if img.ndim == 3:
+        if img.shape[2] == 4:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
+        elif img.shape[2] == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+        else:
+            img = img[:, :, 0]
+    if img.dtype == np.uint16:
+        img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise DataError(f"{path}: unsupported pixel type {img.dtype}; expected 8- or 16-bit grayscale")
+    return img
+
+
+def preprocess(img):
+    """uint8 HxW -> float32 1xHxW in [0, 1]; the one transform shared by training and prediction."""
+    return (img.astype(np.float32) / 255.0)[None]
+
+
+def binarize_label(label):
+    """Label image (255 = cell, 0 = membrane) -> float32 1xHxW with 1 = cell."""
+    return (label > 127).astype(np.float32)[None]
+
+
+def find_pairs(image_dir, label_dir):
+    """File names present in both folders; any unpaired file is an error."""
+    images, labels = list_images(image_dir), list_images(label_dir)
+    stem = lambda n: os.path.splitext(n)[0]
+    label_by_stem = {stem(n): n for n in labels}
+    image_stems = {stem(n) for n in images}
+    missing = [n for n in images if stem(n) not in label_by_stem]
+    if missing:
+        raise DataError(f"{image_dir}: {len(missing)} image(s) without a label in {label_dir}: {', '.join(missing[:5])}")
+    extra = [n for n in labels if stem(n) not in image_stems]
+    if extra:
+        raise DataError(f"{label_dir}: {len(extra)} label(s) without an image in {image_dir}: {', '.join(extra[:5])}")
+    return [(n, label_by_stem[stem(n)]) for n in images]
+
+
+def dihedral(arr, k):
+    """The k-th (0..7) of the 8 symmetries of the square, applied to the last two axes."""
+    if k >= 4:
+        arr = arr[..., ::-1]
+    return np.ascontiguousarray(np.rot90(arr, k % 4, axes=(-2, -1)))
+
+
+class SelfDataSet(flow.utils.data.Dataset):
+    """Image/label pairs held in memory (ISBI is 30 slices of 512x512).
+
+    names:     which file names of `image_dir` to use (default: all pairs, in natural order).
+    augment:   random flip/rotation, identical for image and label.
+    crop_size: random square crop of this side (None or 0: whole slice).
+    """
+
+    def __init__(self, image_dir, label_dir, names=None, augment=False, crop_size=None, seed=0):
+        pairs = find_pairs(image_dir, label_dir)
+        if names is not None:
+            pairs = [p for p in pairs if p[0] in set(names)]
+        self.names = [p[0] for p in pairs]
+        self.augment, self.crop_size = augment, crop_size or None
+        self.images, self.labels = [], []
+        for image_name, label_name in pairs:
+            image_path, label_path = os.path.join(image_dir, image_name), os.path.join(label_dir, label_name)
+            image, label = read_gray(image_path), read_gray(label_path)
+            if image.shape != label.shape:
+                raise DataError(f"{label_path}: size {label.shape[1]}x{label.shape[0]} differs from its image's {image.shape[1]}x{image.shape[0]}")
+            if self.crop_size and min(image.shape) < self.crop_size:
+                raise DataError(f"{image_path}: {image.shape[1]}x{image.shape[0]} is smaller than --crop_size {self.crop_size}")
+            self.images.append(preprocess(image))
+            self.labels.append(binarize_label(label))
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image, label = self.images[index], self.labels[index]
+        if self.crop_size:
+            h, w = image.shape[-2:]
+            y = self.rng.integers(0, h - self.crop_size + 1)
+            x = self.rng.integers(0, w - self.crop_size + 1)
+            image = image[:, y:y + self.crop_size, x:x + self.crop_size]
+            label = label[:, y:y + self.crop_size, x:x + self.crop_size]
+        if self.augment:
+            k = int(self.rng.integers(8))
+            image, label = dihedral(image, k), dihedral(label, k)
+        return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_path", "--data-path", default="data/train", help="folder holding image/ and label/")
+    args = parser.parse_args()
+    try:
+        ds = SelfDataSet(os.path.join(args.data_path, "image"), os.path.join(args.data_path, "label"))
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    cell = np.mean([l.mean() for l in ds.labels])
+    print(f"{args.data_path}: {len(ds)} pairs, {ds.images[0].shape[2]}x{ds.images[0].shape[1]}, cell fraction {cell:.3f}")
+
+
+if __name__ == "__main__":
+    main()

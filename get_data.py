@@ -1,0 +1,117 @@
+"""Put the ISBI 2012 slices in data/: train/image, train/label (255 = cell, 0 = membrane) and test.
+
+    python3 get_data.py                          # nothing to do if data/ is complete
+    ISBI_DATA=/path/to/isbi2012 python3 get_data.py
+
+Where from, in order: $ISBI_DATA or ../shared/data/isbi2012 (a folder of the same layout), else the
+public 30 + 30 slice PNG copy in zhixuhao/unet (pinned to one commit, so its content cannot change).
+Everything lands in a temporary folder and is checked (every file decodes, labels are binary, every
+image has its label) before it is moved into place, so a failed copy or download leaves no half data.
+"""
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+
+import cv2
+import numpy as np
+
+from dataloader import DataError, find_pairs, list_images, read_gray
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+PARTS = ("train/image", "train/label", "test")
+URL = "https://raw.githubusercontent.com/zhixuhao/unet/909ae9b5fefd8a55900e24a771b073b1d4ef70ff/data/membrane/{part}/{i}.png"
+N_SLICES = 30
+
+
+def is_complete(root):
+    try:
+        find_pairs(os.path.join(root, "train/image"), os.path.join(root, "train/label"))
+        list_images(os.path.join(root, "test"))
+        return True
+    except DataError:
+        return False
+
+
+def check(root):
+    """Raises DataError unless root holds decodable, paired slices with binary labels."""
+    pairs = find_pairs(os.path.join(root, "train/image"), os.path.join(root, "train/label"))
+    for image_name, label_name in pairs:
+        image = read_gray(os.path.join(root, "train/image", image_name))
+        label_path = os.path.join(root, "train/label", label_name)
+        label = read_gray(label_path)
+        if image.shape != label.shape:
+            raise DataError(f"{label_path}: size differs from its image")
+        if np.count_nonzero((label > 10) & (label < 245)) > 0.01 * label.size:
+            raise DataError(f"{label_path}: not a binary label (expected 0 = membrane, 255 = cell)")
+    tests = list_images(os.path.join(root, "test"))
+    for name in tests:
+        read_gray(os.path.join(root, "test", name))
+    return len(pairs), len(tests)
+
+
+def copy_from(source, staging):
+    for part in PARTS:
+        shutil.copytree(os.path.join(source, part), os.path.join(staging, part))
+
+
+def download_to(staging):
+    for part in PARTS:
+        os.makedirs(os.path.join(staging, part))
+        for i in range(N_SLICES):
+            url = URL.format(part=part, i=i)
+            path = os.path.join(staging, part, f"{i}.png")
+            try:
+                with urllib.request.urlopen(url, timeout=60) as r, open(path, "wb") as f:
+                    shutil.copyfileobj(r, f)
+            except OSError as e:
+                raise DataError(f"{url}: download failed ({e})") from None
+            if cv2.imread(path, cv2.IMREAD_UNCHANGED) is None:
+                raise DataError(f"{url}: downloaded file is not an image")
+
+
+def install(staging, data_dir):
+    """Moves the checked parts into data_dir, replacing incomplete ones."""
+    for part in PARTS:
+        target = os.path.join(data_dir, part)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.rename(os.path.join(staging, part), target)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", "--data-dir", default=os.path.join(REPO, "data"), help="where train/ and test/ go")
+    p.add_argument("--source", default=os.environ.get("ISBI_DATA") or os.path.join(REPO, "..", "shared", "data", "isbi2012"),
+                   help="local folder to copy from (default: $ISBI_DATA, else ../shared/data/isbi2012); downloads if absent")
+    args = p.parse_args(argv)
+    if is_complete(args.data_dir):
+        return
+    from_env = bool(os.environ.get("ISBI_DATA"))
+    if from_env and not os.path.isdir(args.source):
+        raise DataError(f"{args.source}: ISBI_DATA points to no folder")
+    os.makedirs(args.data_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".incoming-", dir=args.data_dir)
+    try:
+        if os.path.isdir(args.source):
+            print(f"get_data: copying ISBI 2012 slices from {os.path.normpath(args.source)}", flush=True)
+            copy_from(args.source, staging)
+        else:
+            print(f"get_data: downloading ISBI 2012 slices ({3 * N_SLICES} PNGs, about 15 MB)", flush=True)
+            download_to(staging)
+        n_train, n_test = check(staging)
+        install(staging, args.data_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"get_data: {n_train} labeled training slices and {n_test} test slices in {args.data_dir}/")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

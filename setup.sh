@@ -1,0 +1,92 @@
+# Sourced by train.sh, test.sh and tests/run.sh; `source setup.sh` in your own shell works too.
+# Finds a CPython 3.7-3.10 (OneFlow 0.9.0 has wheels for no other), makes .venv with the pinned
+# requirements (again only when a requirements file changes), and makes OneFlow's CUDA libraries
+# loadable here and in every shell that activates the venv.
+#
+#   source setup.sh                 # then: python3 TrainUnetDataSet.py, python3 -m oneflow.distributed.launch ...
+#   PYTHON=/path/to/python3.9 source setup.sh
+
+_repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+_venv="$_repo/.venv"
+
+_python_ok() {  # a CPython between 3.7 and 3.10 with venv
+    "$1" -c 'import sys, venv; sys.exit(not ((3, 7) <= sys.version_info[:2] <= (3, 10)))' >/dev/null 2>&1
+}
+
+_find_python() {
+    local candidates=()
+    [ -n "${PYTHON:-}" ] && candidates+=("$PYTHON")
+    candidates+=(python3.10 python3.9 python3.8 python3.7)
+    if command -v pyenv >/dev/null 2>&1; then
+        candidates+=($(ls -d "$(pyenv root)"/versions/3.{10,9,8,7}.*/bin/python 2>/dev/null | sort -rV))
+    fi
+    candidates+=(python3)
+    local c
+    for c in "${candidates[@]}"; do
+        if command -v "$c" >/dev/null 2>&1 && _python_ok "$c"; then
+            command -v "$c"
+            return 0
+        fi
+    done
+    return 1
+}
+
+_requirements_hash() {
+    cat "$_repo/requirements.txt" "$_repo/requirements-dev.txt" | sha256sum | cut -d' ' -f1
+}
+
+_make_venv() {
+    local python
+    if ! python="$(_find_python)"; then
+        echo "setup.sh: no CPython 3.7-3.10 found (OneFlow 0.9.0 has wheels only for those)." >&2
+        echo "setup.sh: install Python 3.10 (e.g. 'apt-get install python3.10 python3.10-venv' or 'pyenv install 3.10')," >&2
+        echo "setup.sh: or point PYTHON at one: PYTHON=/path/to/python3.10 bash train.sh" >&2
+        return 1
+    fi
+    if [ -x "$_venv/bin/python" ] && ! _python_ok "$_venv/bin/python"; then
+        echo "setup.sh: $_venv is broken or of another Python; recreating it" >&2
+        rm -rf "$_venv"
+    fi
+    if [ ! -x "$_venv/bin/python" ]; then
+        echo "setup.sh: creating $_venv with $python ($("$python" -V 2>&1))" >&2
+        "$python" -m venv "$_venv" || return 1
+    fi
+    local want
+    want="$(_requirements_hash)"
+    if [ "$(cat "$_venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
+        echo "setup.sh: installing requirements into $_venv (OneFlow and its CUDA libraries: about 4 GB, once)" >&2
+        # This machine's pip config lists local mirrors that lack these packages; its warnings are noise.
+        "$_venv/bin/python" -m pip install -q --disable-pip-version-check -r "$_repo/requirements-dev.txt" \
+            2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) || return 1
+        echo "$want" > "$_venv/.requirements.sha256"
+    fi
+    local site libs
+    site="$("$_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    libs="$site/nvidia/cudnn/lib:$site/nvidia/cublas/lib"
+    # OneFlow's CUDA 11.7 build links cuDNN 8 and cuBLAS 11 even on a CPU-only machine, and
+    # LD_LIBRARY_PATH is read only at process start, so activate must set it for the bare launcher.
+    if ! grep -q "isbi-unet: cuda libs" "$_venv/bin/activate"; then
+        cat >> "$_venv/bin/activate" <<EOF
+
+# isbi-unet: cuda libs (added by setup.sh) - OneFlow's CUDA build needs cuDNN 8 / cuBLAS 11 even on CPU
+case ":\${LD_LIBRARY_PATH:-}:" in *":$libs:"*) ;; *) export LD_LIBRARY_PATH="$libs\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" ;; esac
+EOF
+    fi
+}
+
+if _make_venv; then
+    # activate reads unset variables, which `set -u` (in our scripts) would reject
+    case $- in *u*) _had_nounset=1; set +u ;; *) _had_nounset= ;; esac
+    # shellcheck disable=SC1091
+    source "$_venv/bin/activate"
+    [ -n "$_had_nounset" ] && set -u
+    unset _had_nounset
+    # The VM worker busy-waits in sched_yield on CPU, burning a core for nothing.
+    export ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD="${ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD:-0}"
+    # No GPU is the expected case for many users; OneFlow's 'CUDA driver' warnings would only alarm them.
+    export GLOG_minloglevel="${GLOG_minloglevel:-2}"
+    unset -f _python_ok _find_python _requirements_hash _make_venv
+else
+    unset -f _python_ok _find_python _requirements_hash _make_venv
+    return 1 2>/dev/null || exit 1
+fi

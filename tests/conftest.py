@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny synthetic ISBI-like data on disk and a runner for the repo's real scripts."""
+import os
+import socket
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def make_slice(rng, size):
+    """A membrane-like image: dark lines on a bright textured background, and its label (255 = cell)."""
+    h, w = size
+    label = np.full((h, w), 255, np.uint8)
+    for _ in range(3):
+        cv2.line(label, tuple(int(v) for v in rng.integers(0, w, 2)), tuple(int(v) for v in rng.integers(0, h, 2)), 0, 2)
+    image = np.where(label == 255, 180, 40).astype(np.int16) + rng.integers(-30, 30, (h, w))
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def write_dataset(root, n_train=6, n_test=3, size=(48, 48), seed=0):
+    rng = np.random.default_rng(seed)
+    for sub in ("train/image", "train/label", "test"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for i in range(n_train):
+        image, label = make_slice(rng, size)
+        cv2.imwrite(os.path.join(root, "train/image", f"{i}.png"), image)
+        cv2.imwrite(os.path.join(root, "train/label", f"{i}.png"), label)
+    for i in range(n_test):
+        cv2.imwrite(os.path.join(root, "test", f"{i}.png"), make_slice(rng, size)[0])
+    return root
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_dataset(str(tmp_path / "data"))
+
+
+def run(*args, check=True, timeout=600):
+    """`python3 ARGS...` in the repo with this interpreter, e.g. run("plot.py", "--log", path)."""
+    cmd = [sys.executable, *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TINY = ["--width", "4", "--crop_size", "32", "--batch_size", "2", "--val_slices", "2", "--device", "cpu"]

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up .venv, then run the test suite (CPU, tiny models and images); arguments go to pytest.
+#
+#   bash tests/run.sh
+#   bash tests/run.sh -k ddp -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source ./setup.sh
+python3 -m pytest tests "$@"

@@ -1,0 +1,80 @@
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import write_dataset
+from dataloader import DataError, SelfDataSet, binarize_label, dihedral, find_pairs, preprocess
+
+
+def test_pairs_by_name_in_natural_order(tmp_path):
+    root = write_dataset(str(tmp_path), n_train=12)
+    pairs = find_pairs(os.path.join(root, "train/image"), os.path.join(root, "train/label"))
+    assert [p[0] for p in pairs] == [f"{i}.png" for i in range(12)]
+    assert all(a == b for a, b in pairs)
+
+
+def test_unpaired_image_is_an_error_naming_it(tmp_path):
+    root = write_dataset(str(tmp_path), n_train=3)
+    os.remove(os.path.join(root, "train/label/1.png"))
+    with pytest.raises(DataError, match=r"train/image: 1 image\(s\) without a label .*1\.png"):
+        find_pairs(os.path.join(root, "train/image"), os.path.join(root, "train/label"))
+
+
+def test_unpaired_label_is_an_error_naming_it(tmp_path):
+    root = write_dataset(str(tmp_path), n_train=3)
+    os.remove(os.path.join(root, "train/image/2.png"))
+    with pytest.raises(DataError, match=r"train/label: 1 label\(s\) without an image .*2\.png"):
+        find_pairs(os.path.join(root, "train/image"), os.path.join(root, "train/label"))
+
+
+def test_preprocess_scales_to_unit_range_and_labels_binarise():
+    img = np.array([[0, 51, 255]], np.uint8)
+    out = preprocess(img)
+    assert out.dtype == np.float32 and out.shape == (1, 1, 3)
+    np.testing.assert_allclose(out[0, 0], [0.0, 0.2, 1.0])
+    np.testing.assert_array_equal(binarize_label(np.array([[0, 255, 200, 10]], np.uint8))[0, 0], [0, 1, 1, 0])
+
+
+def test_dihedral_gives_eight_distinct_transforms():
+    a = np.arange(9, dtype=np.float32).reshape(1, 3, 3)
+    outs = {dihedral(a, k).tobytes() for k in range(8)}
+    assert len(outs) == 8
+    np.testing.assert_array_equal(dihedral(a, 0), a)
+    np.testing.assert_array_equal(dihedral(a, 4), a[..., ::-1])
+
+
+def test_augmented_label_stays_aligned_with_image(tmp_path):
+    # The label is a pixelwise function of the image here, so any misaligned flip, rotation or crop shows.
+    root = str(tmp_path)
+    os.makedirs(os.path.join(root, "image")), os.makedirs(os.path.join(root, "label"))
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        image = rng.integers(0, 256, (40, 40)).astype(np.uint8)
+        cv2.imwrite(os.path.join(root, "image", f"{i}.png"), image)
+        cv2.imwrite(os.path.join(root, "label", f"{i}.png"), np.where(image > 127, 255, 0).astype(np.uint8))
+    ds = SelfDataSet(os.path.join(root, "image"), os.path.join(root, "label"), augment=True, crop_size=24, seed=3)
+    seen = set()
+    for _ in range(20):
+        for i in range(len(ds)):
+            image, label = ds[i]
+            assert image.shape == label.shape == (1, 24, 24)
+            np.testing.assert_array_equal(label, (image > 127 / 255).astype(np.float32))
+            seen.add(image.tobytes())
+    assert len(seen) > 30  # crops and flips really vary
+
+
+def test_mis_sized_label_is_an_error(tmp_path):
+    root = write_dataset(str(tmp_path), n_train=2)
+    cv2.imwrite(os.path.join(root, "train/label/1.png"), np.zeros((20, 48), np.uint8))
+    with pytest.raises(DataError, match=r"train/label/1\.png: size 48x20 differs"):
+        SelfDataSet(os.path.join(root, "train/image"), os.path.join(root, "train/label"))
+
+
+def test_corrupt_png_is_an_error(tmp_path):
+    root = write_dataset(str(tmp_path), n_train=2)
+    with open(os.path.join(root, "train/image/0.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(DataError, match=r"train/image/0\.png: not a readable image"):
+        SelfDataSet(os.path.join(root, "train/image"), os.path.join(root, "train/label"))
