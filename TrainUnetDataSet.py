@@ -30,7 +30,7 @@ from unet import UNet
 # (width-64 U-Net on whole 512x512 slices); "cpu" is sized to finish in under 30 minutes on 2 cores.
 RECIPES = {
     "full": dict(width=64, crop_size=0, batch_size=2, epochs=60, lr=3e-4),
-    "cpu": dict(width=16, crop_size=256, batch_size=4, epochs=40, lr=1e-3),
+    "cpu": dict(width=16, crop_size=256, batch_size=4, epochs=24, lr=1e-3),
 }
 
 

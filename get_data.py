@@ -57,11 +57,11 @@ def copy_from(source, staging):
         shutil.copytree(os.path.join(source, part), os.path.join(staging, part))
 
 
-def download_to(staging):
+def download_to(staging, url_template):
     for part in PARTS:
         os.makedirs(os.path.join(staging, part))
         for i in range(N_SLICES):
-            url = URL.format(part=part, i=i)
+            url = url_template.format(part=part, i=i)
             path = os.path.join(staging, part, f"{i}.png")
             try:
                 with urllib.request.urlopen(url, timeout=60) as r, open(path, "wb") as f:
@@ -87,6 +87,7 @@ def main(argv=None):
     p.add_argument("--data_dir", "--data-dir", default=os.path.join(REPO, "data"), help="where train/ and test/ go")
     p.add_argument("--source", default=os.environ.get("ISBI_DATA") or os.path.join(REPO, "..", "shared", "data", "isbi2012"),
                    help="local folder to copy from (default: $ISBI_DATA, else ../shared/data/isbi2012); downloads if absent")
+    p.add_argument("--url", default=URL, help="download address, with {part} (train/image, train/label, test) and {i} (0-29)")
     args = p.parse_args(argv)
     if is_complete(args.data_dir):
         return
@@ -97,12 +98,17 @@ def main(argv=None):
     staging = tempfile.mkdtemp(prefix=".incoming-", dir=args.data_dir)
     try:
         if os.path.isdir(args.source):
-            print(f"get_data: copying ISBI 2012 slices from {os.path.normpath(args.source)}", flush=True)
+            origin = os.path.normpath(args.source)
+            print(f"get_data: copying ISBI 2012 slices from {origin}", flush=True)
             copy_from(args.source, staging)
         else:
+            origin = args.url.split("{part}")[0].rstrip("/")
             print(f"get_data: downloading ISBI 2012 slices ({3 * N_SLICES} PNGs, about 15 MB)", flush=True)
-            download_to(staging)
-        n_train, n_test = check(staging)
+            download_to(staging, args.url)
+        try:
+            n_train, n_test = check(staging)
+        except DataError as e:  # name the file where it came from, not the staging copy about to vanish
+            raise DataError(str(e).replace(staging, origin)) from None
         install(staging, args.data_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
