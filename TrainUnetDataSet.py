@@ -23,7 +23,8 @@ import oneflow as flow
 
 from checkpoint import load_checkpoint, save_checkpoint
 from plot import plot_losses, read_log
-from dataloader import DataError, SelfDataSet, find_pairs
+from dataloader import SelfDataSet, find_pairs
+from errors import DataError, run_main
 from unet import UNet
 
 # Defaults that depend on the machine live here and nowhere else. "full" is the article's setting
@@ -163,7 +164,7 @@ def truncate_log(path, last_epoch):
 
 
 def write_config(args, world_size, device):
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
     config.update(world_size=world_size, device=str(device), oneflow=flow.__version__, python=sys.version.split()[0])
     with open(os.path.join(args.checkpoint_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -198,7 +199,10 @@ def main(argv=None):
 
     log_path = os.path.join(args.checkpoint_dir, "log.csv")
     if master_process:
-        os.makedirs(args.checkpoint_dir, exist_ok=True)
+        try:
+            os.makedirs(args.checkpoint_dir, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"{args.checkpoint_dir}: cannot create checkpoint folder ({e.strerror})") from None
         if args.resume:
             truncate_log(log_path, start_epoch - 1)
         elif os.path.exists(log_path):
@@ -217,7 +221,8 @@ def main(argv=None):
         seconds = time.time() - t0
         if master_process:
             is_best = val_set is None or val_loss < best_val
-            best_val = val_loss if (val_set and is_best) else best_val
+            if val_set is not None and is_best:
+                best_val = val_loss
             extra = dict(epoch=epoch, best_val_loss=best_val, args=vars(args))
             save_checkpoint(os.path.join(args.checkpoint_dir, "last"), model, optimizer, **extra)
             if is_best:
@@ -233,8 +238,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -9,7 +9,7 @@ import tempfile
 
 import oneflow as flow
 
-from dataloader import DataError
+from errors import DataError
 from unet import UNet
 
 FORMAT = "isbi-unet-oneflow/1"

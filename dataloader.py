@@ -9,17 +9,14 @@ and augments with the 8 flips/rotations of the square and optional random crops.
 import argparse
 import os
 import re
-import sys
 
 import cv2
 import numpy as np
 import oneflow as flow
 
+from errors import DataError, run_main
+
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the path and what is wrong."""
 
 
 def natural_key(name):
@@ -134,13 +131,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", "--data-path", default="data/train", help="folder holding image/ and label/")
     args = parser.parse_args()
-    try:
-        ds = SelfDataSet(os.path.join(args.data_path, "image"), os.path.join(args.data_path, "label"))
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    ds = SelfDataSet(os.path.join(args.data_path, "image"), os.path.join(args.data_path, "label"))
     cell = np.mean([l.mean() for l in ds.labels])
     print(f"{args.data_path}: {len(ds)} pairs, {ds.images[0].shape[2]}x{ds.images[0].shape[1]}, cell fraction {cell:.3f}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -11,14 +11,14 @@ image has its label) before it is moved into place, so a failed copy or download
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import urllib.request
 
 import cv2
 import numpy as np
 
-from dataloader import DataError, find_pairs, list_images, read_gray
+from dataloader import find_pairs, list_images, read_gray
+from errors import DataError, run_main
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("train/image", "train/label", "test")
@@ -116,8 +116,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

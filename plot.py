@@ -7,16 +7,14 @@ import argparse
 import csv
 import math
 import os
-import sys
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-
-class DataError(ValueError):
-    """A missing or malformed log; kept local so plotting needs no OneFlow."""
+from errors import DataError, run_main  # noqa: E402
 
 
 def read_log(path):
@@ -36,6 +34,7 @@ def plot_losses(columns, out):
     val = columns.get("val_loss", [])
     if val and not all(math.isnan(v) for v in val):
         ax.plot(columns["epoch"], val, marker=".", label="validation loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("binary cross-entropy")
     ax.set_title("U-Net on ISBI 2012")
@@ -57,8 +56,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -8,7 +8,6 @@ The model is rebuilt from the checkpoint alone.
 """
 import argparse
 import os
-import sys
 import time
 
 import cv2
@@ -16,7 +15,8 @@ import numpy as np
 import oneflow as flow
 
 from checkpoint import load_model
-from dataloader import DataError, list_images, preprocess, read_gray
+from dataloader import list_images, preprocess, read_gray
+from errors import DataError, run_main
 
 
 def parse_args(argv=None):
@@ -70,8 +70,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)
