@@ -11,12 +11,11 @@ thresholds, each score maximised on its own. Higher is better for V_rand and V_i
 """
 import argparse
 import os
-import re
-import sys
 
 import cv2
 import numpy as np
 
+from dataloader import list_images, natural_key, read_gray
 from errors import DataError, run_main
 
 THRESHOLDS = np.round(np.arange(0, 1.01, 0.1), 2)  # 0.0 ... 1.0 without 0.30000000000000004
@@ -121,31 +120,17 @@ def evaluate_slices(probs, labels, thresholds=THRESHOLDS):
     return _best(np.mean(curves, axis=0), thresholds, np.mean(errors))
 
 
-def _read_folder(folder):
-    if not os.path.isdir(folder):
-        raise DataError(f"{folder}: no such folder")
-    return {n for n in os.listdir(folder) if n.lower().endswith(".png")}
-
-
-def _read(path):
-    img = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise DataError(f"{path}: not a readable image")
-    return img
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prob_dir", "--prob-dir", required=True, help="cell probability x 255 PNGs (e.g. results/prob)")
     p.add_argument("--label_dir", "--label-dir", required=True, help="label PNGs with the same file names")
     args = p.parse_args(argv)
-    names = sorted(_read_folder(args.prob_dir) & _read_folder(args.label_dir),
-                   key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+    names = sorted(set(list_images(args.prob_dir)) & set(list_images(args.label_dir)), key=natural_key)
     if not names:
-        raise DataError(f"{args.prob_dir}: no PNG file names in common with {args.label_dir}")
+        raise DataError(f"{args.prob_dir}: no image file names in common with {args.label_dir}")
     probs, labels = [], []
     for name in names:
-        prob, label = _read(os.path.join(args.prob_dir, name)), _read(os.path.join(args.label_dir, name))
+        prob, label = read_gray(os.path.join(args.prob_dir, name)), read_gray(os.path.join(args.label_dir, name))
         if prob.shape != label.shape:
             raise DataError(f"{os.path.join(args.prob_dir, name)}: size {prob.shape} differs from its label's {label.shape}")
         probs.append(prob / 255.0)

@@ -49,6 +49,19 @@ def run(*args, check=True, timeout=600):
     return proc
 
 
+# OneFlow 0.9.0 prints this at import on every machine without InfiniBand; it is not ours to silence.
+ONEFLOW_BANNER = "libibverbs not available, ibv_fork_init skipped"
+
+
+def assert_fails(proc, *fragments):
+    """Exit code 2 and exactly one `error: ...` line on stderr containing every fragment."""
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line != ONEFLOW_BANNER]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert str(fragment) in lines[0], lines[0]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from conftest import run, write_dataset
+from conftest import assert_fails, run, write_dataset
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_failed_download_leaves_nothing(tmp_path, server):
     root, url = server
     os.remove(os.path.join(root, "test", "29.png"))  # the very last file is missing
     proc = run("get_data.py", "--data_dir", tmp_path / "data", "--source", tmp_path / "absent", "--url", url, check=False)
-    assert proc.returncode == 2 and "test/29.png: download failed" in proc.stderr
+    assert_fails(proc, "test/29.png: download failed")
     assert os.listdir(tmp_path / "data") == []
 
 
@@ -52,5 +52,5 @@ def test_non_binary_labels_are_rejected(tmp_path):
     source = write_dataset(str(tmp_path / "src"), n_train=2, n_test=1)
     cv2.imwrite(os.path.join(source, "train/label/1.png"), np.full((48, 48), 128, np.uint8))
     proc = run("get_data.py", "--data_dir", tmp_path / "data", "--source", source, check=False)
-    assert proc.returncode == 2 and f"{source}/train/label/1.png: not a binary label" in proc.stderr
+    assert_fails(proc, f"{source}/train/label/1.png: not a binary label")
     assert os.listdir(tmp_path / "data") == []

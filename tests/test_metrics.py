@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import run
+from conftest import assert_fails, run
 from metrics import contingency, evaluate_slices, isbi_scores, pixel_error, rand_and_info_scores, segment
 
 
@@ -131,7 +131,5 @@ def test_cli_prints_per_slice_and_mean(tmp_path):
 def test_cli_missing_folder(tmp_path):
     (tmp_path / "label").mkdir()
     proc = run("metrics.py", "--prob_dir", tmp_path / "nowhere", "--label_dir", tmp_path / "label", check=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and str(tmp_path / "nowhere") in lines[0]
+    assert_fails(proc, tmp_path / "nowhere")
     assert proc.stdout == ""
