@@ -109,6 +109,7 @@ def predict_tiled(forward, image, tile=256, overlap=64, batch=4, tta=False):
              mirrored up to a multiple of 16 on the bottom and right and cropped back.
     overlap: pixels shared by neighbouring tiles (rounded up so the step is a multiple of 16); the
              image is mirrored by about half of it on every side. Tiles are blended by `ramp`.
+             Ignored when tile is 0.
     batch:   tiles per forward call.
     tta:     average over the 8 flips/rotations of the square (dataloader.dihedral), each mapped
              back before averaging; a 90-degree turn of a non-square image swaps H and W, which
