@@ -6,8 +6,12 @@
     python3 -m oneflow.distributed.launch --nnodes 2 --node_rank 0 --master_addr HOST \\
         --nproc_per_node 8 TrainUnetDataSet.py                      # and --node_rank 1 on the other node
 
-Writes to --checkpoint_dir: `best` (lowest validation loss) and `last` checkpoints, `log.csv` (one row per
-epoch, read by plot.py) and `config.json` (this run's resolved settings). Only rank 0 prints and writes.
+    python3 TrainUnetDataSet.py --graph                           # OneFlow static graph (nn.Graph), one process
+
+Each epoch scores the held-out block (--val_slices) with the ISBI 2012 metrics (metrics.py). Writes to
+--checkpoint_dir: `best` (highest validation V_rand) and `last` checkpoints, `log.csv` (one row per epoch:
+losses, V_rand, V_info, pixel error; read by plot.py) and `config.json` (this run's resolved settings).
+Only rank 0 prints and writes.
 """
 import argparse
 import csv
@@ -22,9 +26,12 @@ import numpy as np
 import oneflow as flow
 
 from checkpoint import load_checkpoint, save_checkpoint
-from plot import plot_losses, read_log
 from dataloader import SelfDataSet, find_pairs
 from errors import DataError, run_main
+from graphs import InferenceGraphs, TrainGraph
+from losses import LOSSES, SegmentationLoss
+from metrics import THRESHOLDS, pixel_error, score_curve
+from plot import plot_losses, read_log
 from unet import UNet
 
 # Defaults that depend on the machine live here and nowhere else. "full" is the article's setting
@@ -45,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, help="U-Net channels at the first level, 64 in the paper (recipe default)")
     p.add_argument("--crop_size", "--crop-size", type=int, help="train on random square crops of this side; 0 = whole slices (recipe default)")
     p.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convolutions")
+    p.add_argument("--loss", choices=LOSSES, default="bce", help="bce, or bce_dice (BCE + soft Dice on membranes)")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="learning rate over the run: cosine decay to 0 per step, or constant")
+    p.add_argument("--graph", action="store_true", help="train and validate through nn.Graph (static graph) instead of eager mode")
+    p.add_argument("--amp", action="store_true", help="mixed precision; CUDA with --graph only")
     p.add_argument("--val_slices", "--val-slices", type=int, default=5, help="hold out the last N slices (a contiguous block) for validation; 0 = none, then best = last")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda or cpu")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
@@ -73,6 +84,8 @@ def resolve_args(args, cuda):
         raise DataError(f"--crop_size must be 0 or at least 16 (four poolings), got {args.crop_size}")
     if args.val_slices < 0:
         raise DataError(f"--val_slices must be 0 or more, got {args.val_slices}")
+    if args.amp and not (cuda and args.graph):
+        raise DataError("--amp needs --graph on a CUDA device (OneFlow's eager CPU path has no float16 kernels worth using)")
     return args
 
 
@@ -103,8 +116,27 @@ def build_dataloaders(args, rank, world_size):
     train_set = SelfDataSet(image_dir, label_dir, train_names, augment=True, crop_size=args.crop_size, seed=args.seed + rank)
     val_set = SelfDataSet(image_dir, label_dir, val_names) if val_names else None
     sampler = flow.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    loader = flow.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers, drop_last=False)
+    # A graph is compiled for one batch shape, so --graph drops each epoch's short last batch.
+    loader = flow.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
+                                        num_workers=args.num_workers, drop_last=args.graph)
+    if len(loader) == 0:
+        raise DataError(f"{args.data_path}: {len(train_set)} training slice(s) per process give no full batch of --batch_size {args.batch_size}")
     return loader, sampler, val_set
+
+
+def build_optimizer(args, model, steps_per_epoch):
+    optimizer = flow.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = None
+    if args.schedule == "cosine":
+        scheduler = flow.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
+    return optimizer, scheduler
+
+
+def lr_at(args, step, total_steps):
+    """The learning rate after `step` optimizer steps (the value both schedulers follow)."""
+    if args.schedule == "constant":
+        return args.lr
+    return args.lr * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)) / 2
 
 
 def all_reduce_sum(values, device):
@@ -115,32 +147,55 @@ def all_reduce_sum(values, device):
     return t.numpy().tolist()
 
 
-def train_one_epoch(model, loader, criterion, optimizer, device):
+def train_one_epoch(step_fn, model, loader, device):
+    """One pass over this rank's share of the slices; returns the mean loss over all ranks."""
     model.train()
     loss_sum, count = 0.0, 0
-    for image, label in loader:
-        image, label = image.to(device), label.to(device)
-        loss = criterion(model(image), label)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.item() * image.shape[0]
-        count += image.shape[0]
+    for batch in loader:
+        batch = [t.to(device) for t in batch]
+        loss = step_fn(*batch)
+        loss_sum += loss.item() * batch[0].shape[0]
+        count += batch[0].shape[0]
     loss_sum, count = all_reduce_sum([loss_sum, count], device)
     return loss_sum / count
 
 
-def evaluate(model, val_set, criterion, device):
-    """Mean validation loss over whole slices.
+def eager_step(model, criterion, optimizer, scheduler):
+    def step(image, *target):
+        loss = criterion(model(image), *target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        return loss
+    return step
 
-    Every rank scores every slice: DDP broadcasts buffers in each forward, so ranks must run the same
-    number of forwards, and the validation block is small.
+
+def evaluate(forward, model, val_set, criterion, device, rank, world_size):
+    """Validation loss, V_rand, V_info and pixel error over the whole held-out slices.
+
+    Ranks share the slices and sum their results. `forward` must not run collectives: eager DDP's
+    forward hook broadcasts buffers, so eager mode calls `model.forward` directly (see main).
     """
     model.eval()
+    if world_size > 1:
+        # Each rank's last training forward updated its own BatchNorm statistics; score with rank 0's.
+        for buffer in model.buffers():
+            flow.comm.broadcast(buffer, 0)
+    loss_sum, error_sum, curves = 0.0, 0.0, np.zeros((len(THRESHOLDS), 2))
     with flow.no_grad():
-        losses = [criterion(model(flow.tensor(image[None], device=device)), flow.tensor(label[None], device=device)).item()
-                  for image, label in (val_set[i] for i in range(len(val_set)))]
-    return float(np.mean(losses))
+        for i in range(rank, len(val_set), world_size):
+            image, label = val_set.images[i], val_set.labels[i]
+            logits = forward(flow.tensor(image[None], device=device))
+            loss_sum += criterion(logits, flow.tensor(label[None], device=device)).item()
+            prob, label255 = flow.sigmoid(logits)[0, 0].numpy(), label[0] * 255
+            curves += score_curve(prob, label255)
+            error_sum += pixel_error(prob, label255)
+    totals = all_reduce_sum([loss_sum, error_sum, *curves.ravel()], device)
+    n = len(val_set)
+    curve = np.array(totals[2:]).reshape(-1, 2) / n
+    return dict(val_loss=totals[0] / n, v_rand=float(curve[:, 0].max()), v_info=float(curve[:, 1].max()), pixel_error=totals[1] / n)
 
 
 def append_log(path, row):
@@ -170,32 +225,65 @@ def write_config(args, world_size, device):
         json.dump(config, f, indent=2)
 
 
+def resume_from(args, model, optimizer, scheduler, steps_per_epoch, master_process, device):
+    """Loads --resume into model and optimizer state; returns (first epoch to run, best V_rand so far)."""
+    state = load_checkpoint(args.resume, device)
+    if state["model_config"] != model.config():
+        raise DataError(f"{args.resume}: trained as UNet{state['model_config']}, but this run builds UNet{model.config()}")
+    model.load_state_dict(state["model"])
+    if not args.graph and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr  # this run's --lr, not the stored one
+    elif args.graph != bool(state.get("graph")) and master_process:
+        print(f"note: {args.resume} holds {'eager' if args.graph else 'graph'} optimizer state; Adam's moments restart")
+    if scheduler is not None and not args.graph:
+        # Rebuilt for this run's --epochs rather than loaded, then moved to where the checkpoint stopped.
+        scheduler.last_step = state["epoch"] * steps_per_epoch - 1
+        scheduler.step()
+    return state["epoch"] + 1, state.get("best_v_rand", -math.inf), state
+
+
+def save_checkpoints(args, model, optimizer, scheduler, train_graph, is_best, **extra):
+    if train_graph is not None:
+        # The graph keeps Adam's moments and its step counter itself; store those instead of the eager optimizer's.
+        extra["graph"] = {k: v for k, v in train_graph.state_dict().items() if not isinstance(v, dict)}
+    else:
+        extra.update(optimizer=optimizer.state_dict())
+    save_checkpoint(os.path.join(args.checkpoint_dir, "last"), model, **extra)
+    if is_best:
+        save_checkpoint(os.path.join(args.checkpoint_dir, "best"), model, **extra)
+
+
 def main(argv=None):
     """Trains and returns the model (every rank returns its replica)."""
     args = parse_args(argv)
     rank, world_size, master_process, device = setup_distributed(args.device)
     args = resolve_args(args, device.type == "cuda")
+    if args.graph and world_size > 1:
+        raise DataError("--graph runs on one process; under the launcher train in eager mode (DistributedDataParallel)")
     random.seed(args.seed)
     np.random.seed(args.seed)
     flow.manual_seed(args.seed)
 
     loader, sampler, val_set = build_dataloaders(args, rank, world_size)
     model = UNet(n_channels=1, n_classes=1, bilinear=args.bilinear, width=args.width).to(device)
-    optimizer = flow.optim.Adam(model.parameters(), lr=args.lr)
-    start_epoch, best_val = 1, math.inf
+    optimizer, scheduler = build_optimizer(args, model, len(loader))
+    criterion = SegmentationLoss(args.loss)
+    start_epoch, best_v_rand, resumed = 1, -math.inf, None
     if args.resume:
-        state = load_checkpoint(args.resume, device)
-        if state["model_config"] != model.config():
-            raise DataError(f"{args.resume}: trained as UNet{state['model_config']}, but this run builds UNet{model.config()}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr
-        start_epoch, best_val = state["epoch"] + 1, state.get("best_val_loss", math.inf)
+        start_epoch, best_v_rand, resumed = resume_from(args, model, optimizer, scheduler, len(loader), master_process, device)
     if world_size > 1:
         # Broadcasts rank 0's weights, then all-reduces gradients in backward.
         model = flow.nn.parallel.DistributedDataParallel(model)
-    criterion = flow.nn.BCEWithLogitsLoss()
+    train_graph = None
+    if args.graph:
+        train_graph = TrainGraph(model, criterion, optimizer, scheduler, amp=args.amp)
+        if resumed is not None and resumed.get("graph"):
+            train_graph.load_state_dict({"model": model.state_dict(), "criterion": {}, **resumed["graph"]})
+        step_fn, forward = train_graph, InferenceGraphs(model, amp=args.amp)
+    else:
+        step_fn, forward = eager_step(model, criterion, optimizer, scheduler), model.forward
 
     log_path = os.path.join(args.checkpoint_dir, "log.csv")
     if master_process:
@@ -209,31 +297,34 @@ def main(argv=None):
             os.remove(log_path)
         write_config(args, world_size, device)
         print(f"recipe {args.recipe} ({args.recipe_reason}): width {args.width}, crop {args.crop_size or 'none'}, "
-              f"batch {args.batch_size} x {world_size} process(es), {args.epochs} epochs, lr {args.lr}, device {device}")
+              f"batch {args.batch_size} x {world_size} process(es), {args.epochs} epochs, lr {args.lr} {args.schedule}, "
+              f"loss {args.loss}, {'graph' if args.graph else 'eager'} on {device}")
         print(f"{len(loader.dataset)} training slices, {len(val_set) if val_set else 0} validation slices; "
               f"writing to {args.checkpoint_dir}/", flush=True)
 
+    total_steps = args.epochs * len(loader)
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
         sampler.set_epoch(epoch)
-        train_loss = train_one_epoch(model, loader, criterion, optimizer, device)
-        val_loss = evaluate(model, val_set, criterion, device) if val_set else float("nan")
+        train_loss = train_one_epoch(step_fn, model, loader, device)
+        scores = evaluate(forward, model, val_set, criterion, device, rank, world_size) if val_set else {}
         seconds = time.time() - t0
         if master_process:
-            is_best = val_set is None or val_loss < best_val
-            if val_set is not None and is_best:
-                best_val = val_loss
-            extra = dict(epoch=epoch, best_val_loss=best_val, args=vars(args))
-            save_checkpoint(os.path.join(args.checkpoint_dir, "last"), model, optimizer, **extra)
-            if is_best:
-                save_checkpoint(os.path.join(args.checkpoint_dir, "best"), model, optimizer, **extra)
-            append_log(log_path, dict(epoch=epoch, train_loss=f"{train_loss:.5f}", val_loss=f"{val_loss:.5f}",
-                                      lr=args.lr, seconds=f"{seconds:.1f}"))
+            is_best = not scores or scores["v_rand"] > best_v_rand
+            if scores and is_best:
+                best_v_rand = scores["v_rand"]
+            save_checkpoints(args, model, optimizer, scheduler, train_graph, is_best,
+                             epoch=epoch, best_v_rand=best_v_rand, run_args=vars(args))
+            row = dict(epoch=epoch, train_loss=f"{train_loss:.5f}")
+            row.update({k: f"{scores.get(k, float('nan')):.5f}" for k in ("val_loss", "v_rand", "v_info", "pixel_error")})
+            row.update(lr=f"{lr_at(args, epoch * len(loader), total_steps):.3g}", seconds=f"{seconds:.1f}")
+            append_log(log_path, row)
             plot_losses(read_log(log_path), os.path.join(args.checkpoint_dir, "loss.png"))
-            print(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}"
+            print(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f}  val loss {row['val_loss']}  "
+                  f"V_rand {row['v_rand']}  V_info {row['v_info']}  pixel error {row['pixel_error']}"
                   f"{'  *best' if is_best else ''}  {seconds:.1f}s", flush=True)
     if master_process:
-        print(f"done: best checkpoint {os.path.join(args.checkpoint_dir, 'best')} (val loss {best_val:.4f})")
+        print(f"done: best checkpoint {os.path.join(args.checkpoint_dir, 'best')} (validation V_rand {best_v_rand:.4f})")
     return model
 
 

@@ -15,10 +15,9 @@ from unet import UNet
 FORMAT = "isbi-unet-oneflow/1"
 
 
-def save_checkpoint(path, model, optimizer=None, **extra):
+def save_checkpoint(path, model, **extra):
+    """Writes model, its config and `extra` (optimizer state, epoch, ...) to the directory `path`."""
     state = {"format": FORMAT, "model_config": model.config(), "model": model.state_dict(), **extra}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)

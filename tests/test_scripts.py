@@ -5,6 +5,7 @@ import os
 
 import cv2
 import numpy as np
+import pytest
 
 from conftest import TINY, run
 
@@ -59,7 +60,8 @@ def test_lr_reaches_the_optimizer(data, tmp_path):
     from checkpoint import load_checkpoint
 
     ckpt = tmp_path / "ckpt"
-    run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, "--lr", 1e-12, *TINY)
+    run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, "--lr", 1e-12,
+        "--schedule", "constant", *TINY)
     state = load_checkpoint(str(ckpt / "last"))
     assert state["optimizer"]["param_groups"][0]["_options"]["lr"] == 1e-12
     flow.manual_seed(0)
@@ -74,3 +76,17 @@ def test_bilinear_model_trains_and_predicts(data, tmp_path):
     run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, "--bilinear", *TINY)
     run("predict_unet_test.py", "--checkpoint", ckpt / "best", "--Test_Data_path", f"{data}/test", "--save_res_path", tmp_path / "res")
     assert len(os.listdir(tmp_path / "res" / "prob")) == 3
+
+
+def test_cosine_schedule_reaches_the_optimizer(data, tmp_path):
+    from checkpoint import load_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    # 4 training slices, batch 2: 2 steps per epoch, 4 in all; after epoch 1 the cosine is at its middle.
+    run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", ckpt, "--lr", 0.01,
+        "--schedule", "cosine", *TINY)
+    with open(ckpt / "log.csv") as f:
+        lrs = [float(row["lr"]) for row in csv.DictReader(f)]
+    assert lrs == pytest.approx([0.005, 0.0])
+    state = load_checkpoint(str(ckpt / "last"))
+    assert state["optimizer"]["param_groups"][0]["_options"]["lr"] == pytest.approx(0.0, abs=1e-12)
