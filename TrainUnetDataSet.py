@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--crop_size", "--crop-size", type=int, help="train on random square crops of this side; 0 = whole slices (recipe default)")
     p.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convolutions")
     p.add_argument("--loss", choices=LOSSES, default="bce", help="bce, or bce_dice (BCE + soft Dice on membranes)")
+    p.add_argument("--elastic_sigma", "--elastic-sigma", type=float, default=10.0, help="std (px) of the elastic deformation's 3x3 grid displacements, 10 in the paper; 0 = off")
+    p.add_argument("--border_weight", "--border-weight", type=float, default=0.0, help="w0 of the paper's border weight map (paper: 10, sigma 5 px); 0 = unweighted loss")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="learning rate over the run: cosine decay to 0 per step, or constant")
     p.add_argument("--graph", action="store_true", help="train and validate through nn.Graph (static graph) instead of eager mode")
     p.add_argument("--amp", action="store_true", help="mixed precision; CUDA with --graph only")
@@ -82,6 +84,8 @@ def resolve_args(args, cuda):
         raise DataError(f"--lr must be positive, got {args.lr}")
     if args.crop_size < 0 or 0 < args.crop_size < 16:
         raise DataError(f"--crop_size must be 0 or at least 16 (four poolings), got {args.crop_size}")
+    if args.elastic_sigma < 0 or args.border_weight < 0:
+        raise DataError("--elastic_sigma and --border_weight must be 0 or more")
     if args.val_slices < 0:
         raise DataError(f"--val_slices must be 0 or more, got {args.val_slices}")
     if args.amp and not (cuda and args.graph):
@@ -113,7 +117,8 @@ def build_dataloaders(args, rank, world_size):
     train_names, val_names = split_names(args.data_path, args.val_slices)
     image_dir, label_dir = os.path.join(args.data_path, "image"), os.path.join(args.data_path, "label")
     # Each rank draws its own crops and flips; the sampler already gives it different slices.
-    train_set = SelfDataSet(image_dir, label_dir, train_names, augment=True, crop_size=args.crop_size, seed=args.seed + rank)
+    train_set = SelfDataSet(image_dir, label_dir, train_names, augment=True, crop_size=args.crop_size, seed=args.seed + rank,
+                            elastic_sigma=args.elastic_sigma, border_weight=args.border_weight)
     val_set = SelfDataSet(image_dir, label_dir, val_names) if val_names else None
     sampler = flow.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     # A graph is compiled for one batch shape, so --graph drops each epoch's short last batch.

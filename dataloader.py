@@ -2,7 +2,9 @@
 
 `SelfDataSet` pairs `image_dir/NAME.png` with `label_dir/NAME.png`, scales images to [0, 1] with
 `preprocess` (prediction uses the same function), binarises labels (255 = cell -> 1, 0 = membrane -> 0)
-and augments with the 8 flips/rotations of the square and optional random crops.
+and augments as the U-Net paper does (augment.py): elastic deformation, the 8 flips/rotations of the
+square, mild intensity jitter, and optional random crops; optionally it also returns the paper's
+border weight map for each sample.
 
     python3 dataloader.py --data_path data/train     # checks the folder and prints what it found
 """
@@ -14,6 +16,7 @@ import cv2
 import numpy as np
 import oneflow as flow
 
+from augment import border_weight_map, elastic_deform, intensity_jitter
 from errors import DataError, run_main
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -88,11 +91,13 @@ class SelfDataSet(flow.utils.data.Dataset):
     """Image/label pairs held in memory (ISBI is 30 slices of 512x512).
 
     names:     which file names of `image_dir` to use (default: all pairs, in natural order).
-    augment:   random flip/rotation, identical for image and label.
+    augment:   elastic deformation (if elastic_sigma > 0), random flip/rotation, intensity jitter.
     crop_size: random square crop of this side (None or 0: whole slice).
+    border_weight: w0 of the paper's weight map; > 0 makes items (image, label, weight).
     """
 
-    def __init__(self, image_dir, label_dir, names=None, augment=False, crop_size=None, seed=0):
+    def __init__(self, image_dir, label_dir, names=None, augment=False, crop_size=None, seed=0,
+                 elastic_sigma=0.0, border_weight=0.0):
         pairs = find_pairs(image_dir, label_dir)
         if names is not None:
             pairs = [p for p in pairs if p[0] in set(names)]
@@ -108,23 +113,32 @@ class SelfDataSet(flow.utils.data.Dataset):
                 raise DataError(f"{image_path}: {image.shape[1]}x{image.shape[0]} is smaller than --crop_size {self.crop_size}")
             self.images.append(preprocess(image))
             self.labels.append(binarize_label(label))
+        self.elastic_sigma = elastic_sigma
+        # Computed once per slice and deformed with it (recomputing per sample costs ~50 ms).
+        self.weights = [border_weight_map(l, w0=border_weight) for l in self.labels] if border_weight > 0 else None
         self.rng = np.random.default_rng(seed)
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, index):
-        image, label = self.images[index], self.labels[index]
+        arrays = [self.images[index], self.labels[index]]
+        if self.weights is not None:
+            arrays.append(self.weights[index])
+        if self.augment and self.elastic_sigma > 0:
+            # The whole slice, then the crop: deforming a crop would pull mirrored content into its edges.
+            image, label, *weight = arrays
+            arrays = list(elastic_deform(image, label, self.rng, sigma=self.elastic_sigma, weight=weight[0] if weight else None))
         if self.crop_size:
-            h, w = image.shape[-2:]
+            h, w = arrays[0].shape[-2:]
             y = self.rng.integers(0, h - self.crop_size + 1)
             x = self.rng.integers(0, w - self.crop_size + 1)
-            image = image[:, y:y + self.crop_size, x:x + self.crop_size]
-            label = label[:, y:y + self.crop_size, x:x + self.crop_size]
+            arrays = [a[:, y:y + self.crop_size, x:x + self.crop_size] for a in arrays]
         if self.augment:
             k = int(self.rng.integers(8))
-            image, label = dihedral(image, k), dihedral(label, k)
-        return np.ascontiguousarray(image), np.ascontiguousarray(label)
+            arrays = [dihedral(a, k) for a in arrays]
+            arrays[0] = intensity_jitter(arrays[0], self.rng)
+        return tuple(np.ascontiguousarray(a, dtype=np.float32) for a in arrays)
 
 
 def main():

@@ -135,16 +135,22 @@ def main(argv=None):
             raise DataError(f"{os.path.join(args.prob_dir, name)}: size {prob.shape} differs from its label's {label.shape}")
         probs.append(prob / 255.0)
         labels.append(label)
+    print_scores(names, probs, labels)
+
+
+def print_scores(names, probs, labels):
+    """Per-slice and stack table of V_rand, V_info (each with its best threshold) and pixel error."""
     row = "{:<16}{:>8.4f}{:>6.1f}{:>8.4f}{:>6.1f}{:>13.4f}"
     print("{:<16}{:>8}{:>6}{:>8}{:>6}{:>13}".format("slice", "v_rand", "t", "v_info", "t", "pixel_error"))
-    curves = []
+    curves, errors = [], []
     for name, prob, label in zip(names, probs, labels):
         curves.append(score_curve(prob, label))
-        r = _best(curves[-1], THRESHOLDS, pixel_error(prob, label))
+        errors.append(pixel_error(prob, label))
+        r = _best(curves[-1], THRESHOLDS, errors[-1])
         print(row.format(name, r["v_rand"], r["v_rand_threshold"], r["v_info"], r["v_info_threshold"], r["pixel_error"]))
-    mean_error = np.mean([pixel_error(p, l) for p, l in zip(probs, labels)])
-    r = _best(np.mean(curves, axis=0), THRESHOLDS, mean_error)  # same as evaluate_slices, curves reused
+    r = _best(np.mean(curves, axis=0), THRESHOLDS, np.mean(errors))  # same as evaluate_slices, curves reused
     print(row.format("mean", r["v_rand"], r["v_rand_threshold"], r["v_info"], r["v_info_threshold"], r["pixel_error"]))
+    return r
 
 
 if __name__ == "__main__":

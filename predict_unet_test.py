@@ -1,10 +1,15 @@
 """Predict membrane masks for a folder of EM slices with a trained checkpoint.
 
     python3 predict_unet_test.py --checkpoint checkpoints/best --Test_Data_path data/test --save_res_path results
+    python3 predict_unet_test.py --tta                      # + average over the 8 flips/rotations (8x slower)
+    python3 predict_unet_test.py --tile 256 --overlap 64    # overlap-tile inference, for any image size
+    python3 predict_unet_test.py --Test_Data_path data/train/image --label_path data/train/label   # + scores
 
 For every input NAME.png it writes save_res_path/NAME.png, the binary mask in the label convention
-(255 = cell, 0 = membrane), and save_res_path/prob/NAME.png, the cell probability x 255 (uint8).
-The model is rebuilt from the checkpoint alone.
+(255 = cell, 0 = membrane), and save_res_path/prob/NAME.png, the cell probability x 255 (uint8); when
+all slices share one size, also save_res_path/submission.tif, the ISBI 2012 submission stack (32-bit
+float cell probabilities, 0 = membrane). With --label_path it prints V_rand, V_info and pixel error
+per slice and for the stack (metrics.py). The model is rebuilt from the checkpoint alone.
 """
 import argparse
 import os
@@ -17,6 +22,9 @@ import oneflow as flow
 from checkpoint import load_model
 from dataloader import list_images, preprocess, read_gray
 from errors import DataError, run_main
+from graphs import InferenceGraphs
+from metrics import print_scores
+from tiling import check_tiling, predict_tiled, write_isbi_tiff
 
 
 def parse_args(argv=None):
@@ -25,15 +33,40 @@ def parse_args(argv=None):
     p.add_argument("--Test_Data_path", "--test-data-path", default="data/test", help="folder of images to segment")
     p.add_argument("--save_res_path", "--save-res-path", default="results", help="output folder for masks (and prob/ for probabilities)")
     p.add_argument("--threshold", type=float, default=0.5, help="cell probability at or above which a pixel is cell")
+    p.add_argument("--tile", type=int, default=0, help="side of overlapping square tiles, a multiple of 16; 0 = whole image in one pass")
+    p.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring tiles (with --tile)")
+    p.add_argument("--tta", action="store_true", help="average the probabilities over the 8 flips/rotations of the square")
+    p.add_argument("--graph", action="store_true", help="run the model through nn.Graph (one compiled graph per input shape)")
+    p.add_argument("--label_path", "--label-path", help="labels with the input file names: print ISBI scores of the predictions")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda or cpu")
     return p.parse_args(argv)
 
 
-def predict_probability(model, image, device):
+def probability_fn(model, device, graph=False):
+    """numpy Nx1xhxw float32 -> cell probabilities of the same shape, for tiling.predict_tiled."""
+    run = InferenceGraphs(model) if graph else model
+
+    def forward(batch):
+        with flow.no_grad():
+            return flow.sigmoid(run(flow.tensor(batch, device=device))).numpy()
+    return forward
+
+
+def predict_probability(forward, image, tile=0, overlap=64, tta=False):
     """Cell probability (HxW float32 in [0, 1]) for one uint8 slice."""
-    x = flow.tensor(preprocess(image)[None], device=device)
-    with flow.no_grad():
-        return flow.sigmoid(model(x))[0, 0].numpy()
+    return predict_tiled(forward, preprocess(image), tile=tile, overlap=overlap, tta=tta)[0]
+
+
+def read_labels(label_path, names, images):
+    labels = []
+    for name, image in zip(names, images):
+        path = os.path.join(label_path, name)
+        if not os.path.exists(path):
+            raise DataError(f"{path}: no label for {name}")
+        labels.append(read_gray(path))
+        if labels[-1].shape != image.shape:
+            raise DataError(f"{path}: size {labels[-1].shape[1]}x{labels[-1].shape[0]} differs from its image's {image.shape[1]}x{image.shape[0]}")
+    return labels
 
 
 def write_png(path, array):
@@ -52,7 +85,10 @@ def main(argv=None):
     small = [n for n, im in zip(names, images) if min(im.shape) < 16]
     if small:
         raise DataError(f"{os.path.join(args.Test_Data_path, small[0])}: smaller than 16 pixels, too small for four poolings")
+    check_tiling(args.tile, args.overlap, 1)
+    labels = read_labels(args.label_path, names, images) if args.label_path else None
     model, state = load_model(args.checkpoint, device)
+    forward = probability_fn(model, device, args.graph)
     prob_dir = os.path.join(args.save_res_path, "prob")
     try:
         os.makedirs(prob_dir, exist_ok=True)
@@ -60,13 +96,21 @@ def main(argv=None):
         raise DataError(f"{args.save_res_path}: cannot create output folder ({e.strerror})") from None
 
     t0 = time.time()
+    probs = []
     for name, image in zip(names, images):
-        prob = predict_probability(model, image, device)
+        prob = predict_probability(forward, image, args.tile, args.overlap, args.tta)
+        probs.append(prob)
         out_name = os.path.splitext(name)[0] + ".png"
         write_png(os.path.join(prob_dir, out_name), np.round(prob * 255).astype(np.uint8))
         write_png(os.path.join(args.save_res_path, out_name), np.where(prob >= args.threshold, 255, 0).astype(np.uint8))
+    seconds = time.time() - t0
+    if len({p.shape for p in probs}) == 1:
+        write_isbi_tiff(os.path.join(args.save_res_path, "submission.tif"), probs)
     print(f"{len(names)} masks in {args.save_res_path}/, probabilities in {prob_dir}/ "
-          f"(UNet{state['model_config']}, epoch {state.get('epoch')}, {time.time() - t0:.1f}s on {device})")
+          f"(UNet{state['model_config']}, epoch {state.get('epoch')}, {seconds:.1f}s on {device}"
+          f"{', tiles ' + str(args.tile) if args.tile else ''}{', TTA' if args.tta else ''}{', graph' if args.graph else ''})")
+    if labels is not None:
+        print_scores(names, probs, labels)
 
 
 if __name__ == "__main__":

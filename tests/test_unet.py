@@ -33,3 +33,14 @@ def test_paper_width_has_expected_parameter_count():
     # 31.0 M parameters: the 23-conv U-Net of the paper with padding, BatchNorm and no conv biases.
     n = sum(p.numel() for p in UNet(1, 1, width=64).parameters())
     assert 30_900_000 < n < 31_100_000
+
+
+def test_upconv_equals_transposed_convolution():
+    from unet import UpConv2x2
+
+    up = UpConv2x2(6, 3)
+    ref = flow.nn.ConvTranspose2d(6, 3, kernel_size=2, stride=2)
+    ref.load_state_dict(up.state_dict())  # same parameter names and shapes as the article's layer
+    x = flow.randn(2, 6, 5, 7)
+    assert tuple(up(x).shape) == (2, 3, 10, 14)
+    assert float((up(x) - ref(x)).abs().max()) < 1e-5
