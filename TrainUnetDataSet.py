@@ -36,6 +36,7 @@ from unet import UNet
 
 # Defaults that depend on the machine live here and nowhere else. "full" is the article's setting
 # (width-64 U-Net on whole 512x512 slices); "cpu" is sized to finish in under 30 minutes on 2 cores.
+# A recipe's batch_size is the total over all processes; each process takes its share.
 RECIPES = {
     "full": dict(width=64, crop_size=0, batch_size=2, epochs=60, lr=3e-4),
     "cpu": dict(width=16, crop_size=256, batch_size=4, epochs=24, lr=1e-3),
@@ -47,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--data_path", "--data-path", default="data/train", help="folder with image/ and label/ (same file names)")
     p.add_argument("--recipe", choices=["auto", *RECIPES], default="auto", help="defaults for the five flags below; auto: full on CUDA, cpu otherwise")
     p.add_argument("--epochs", type=int, help="passes over the training slices (recipe default)")
-    p.add_argument("--batch_size", "--batch-size", type=int, help="images per step on each process (recipe default)")
+    p.add_argument("--batch_size", "--batch-size", type=int, help="images per step on each process (recipe default: the recipe's total batch split over the processes)")
     p.add_argument("--lr", type=float, help="Adam learning rate (recipe default)")
     p.add_argument("--width", type=int, help="U-Net channels at the first level, 64 in the paper (recipe default)")
     p.add_argument("--crop_size", "--crop-size", type=int, help="train on random square crops of this side; 0 = whole slices (recipe default)")
@@ -67,7 +68,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def resolve_args(args, cuda):
+def resolve_args(args, cuda, world_size=1):
     """Fills recipe defaults and rejects nonsense, so a bad flag fails before any heavy work."""
     if args.recipe == "auto":
         args.recipe = "full" if cuda else "cpu"
@@ -76,7 +77,7 @@ def resolve_args(args, cuda):
         args.recipe_reason = "--recipe"
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, max(1, value // world_size) if key == "batch_size" else value)
     for key in ("epochs", "batch_size", "width"):
         if getattr(args, key) <= 0:
             raise DataError(f"--{key} must be positive, got {getattr(args, key)}")
@@ -264,7 +265,7 @@ def main(argv=None):
     """Trains and returns the model (every rank returns its replica)."""
     args = parse_args(argv)
     rank, world_size, master_process, device = setup_distributed(args.device)
-    args = resolve_args(args, device.type == "cuda")
+    args = resolve_args(args, device.type == "cuda", world_size)
     if args.graph and world_size > 1:
         raise DataError("--graph runs on one process; under the launcher train in eager mode (DistributedDataParallel)")
     random.seed(args.seed)

@@ -4,11 +4,21 @@
 #   bash train.sh                          # recipe by device: full on a GPU, the 2-core CPU recipe otherwise
 #   bash train.sh --epochs 5 --width 8     # any TrainUnetDataSet.py flag overrides the recipe
 #   NPROC=8 bash train.sh                  # data-parallel: python3 -m oneflow.distributed.launch --nproc_per_node 8
+#   NPROC=1 bash train.sh --graph          # one process through nn.Graph
+#
+# NPROC defaults to 1 with a CUDA device and otherwise to the number of CPU cores (at most 4): OneFlow's
+# eager CPU kernels keep about one core busy, so a process per core is how a CPU trains at full speed.
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup.sh
 python3 get_data.py
-NPROC="${NPROC:-1}"
+if [ -z "${NPROC:-}" ]; then
+    if python3 -c "import oneflow, sys; sys.exit(0 if oneflow.cuda.is_available() else 1)" 2>/dev/null; then
+        NPROC=1
+    else
+        NPROC=$(python3 -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
+    fi
+fi
 if [ "$NPROC" -gt 1 ]; then
     echo "train.sh: $NPROC processes through oneflow.distributed.launch"
     python3 -m oneflow.distributed.launch --nproc_per_node "$NPROC" TrainUnetDataSet.py "$@"

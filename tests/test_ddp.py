@@ -32,3 +32,20 @@ def test_launcher_command_trains_and_only_rank0_writes(data, tmp_path):
     assert out.count("epoch   2/2") == 1  # rank 1 prints nothing
     assert os.path.isfile(ckpt / "best" / "pickled_data")
     assert len((ckpt / "log.csv").read_text().splitlines()) == 3
+
+
+def test_recipe_batch_is_split_over_processes():
+    from TrainUnetDataSet import RECIPES, parse_args, resolve_args
+
+    total = RECIPES["cpu"]["batch_size"]
+    assert resolve_args(parse_args([]), cuda=False, world_size=1).batch_size == total
+    assert resolve_args(parse_args([]), cuda=False, world_size=2).batch_size == total // 2
+    assert resolve_args(parse_args(["--batch_size", "3"]), cuda=False, world_size=2).batch_size == 3  # explicit: per process
+
+
+def test_graph_under_the_launcher_says_why_not(data, tmp_path):
+    proc = run("-m", "oneflow.distributed.launch", "--nproc_per_node", 2, "--master_port", free_port(), "TrainUnetDataSet.py",
+               "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", tmp_path / "ckpt", "--graph", *TINY, check=False)
+    assert proc.returncode != 0
+    assert "error: --graph runs on one process" in proc.stderr
+    assert not (tmp_path / "ckpt").exists()

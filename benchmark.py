@@ -1,0 +1,218 @@
+"""Training and inference speed of this U-Net in OneFlow (eager, nn.Graph, 2-process DDP), optionally against PyTorch.
+
+    python3 benchmark.py                                     # both settings, OneFlow eager / graph / ddp2
+    python3 benchmark.py --setting cpu --steps 3             # only the 2-core CPU recipe's shapes
+    python3 benchmark.py --torch_python /opt/torch/bin/python3   # + the same U-Net in PyTorch and the ratio
+    python3 benchmark.py --device cuda --amp                 # on a GPU: + graph with mixed precision
+
+Settings: `cpu` is the CPU recipe (width 16, 256x256 crops, batch 4); `article` is the article's model
+(width 64, whole 512x512 slices, batch 1). A training step is forward + BCE loss + backward + Adam on
+random data; inference is one slice at batch 1 with no gradient. Every mode runs in its own process
+(so peak memory, the resident set's high-water mark on CPU, is its own) and reports the median of
+--steps timed steps after --warmup untimed ones. `ddp2` is two processes under OneFlow's launcher, each
+with half the batch, the way `NPROC=2 bash train.sh` trains; its images/s counts both processes.
+PyTorch runs with its default threads; its U-Net mirrors unet.py layer for layer (parameter counts are
+printed to show it). Results are printed as a table; --json also writes them to a file.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SETTINGS = {"cpu": dict(width=16, size=256, batch=4), "article": dict(width=64, size=512, batch=1)}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setting", choices=["all", *SETTINGS], default="all", help="which model/input shapes to time")
+    p.add_argument("--modes", default="eager,graph,ddp2", help="comma-separated OneFlow modes: eager, graph, ddp2 (and graph_amp on CUDA with --amp)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (graph compilation happens here)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--amp", action="store_true", help="also time graph mode with mixed precision (CUDA only)")
+    p.add_argument("--torch_python", "--torch-python", help="a Python interpreter with PyTorch: time the same U-Net there too")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: framework:mode:setting, prints one JSON line
+    return p.parse_args(argv)
+
+
+def timed(step, steps, warmup, sync):
+    for _ in range(warmup):
+        sync(step())
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        sync(step())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def oneflow_worker(mode, setting, steps, warmup, device_name):
+    import oneflow as flow
+
+    sys.path.insert(0, HERE)
+    from graphs import InferenceGraphs, TrainGraph
+    from losses import SegmentationLoss
+    from unet import UNet
+
+    rank, world = flow.env.get_rank(), flow.env.get_world_size()
+    device = flow.device(f"cuda:{flow.env.get_local_rank()}" if device_name == "cuda" else "cpu")
+    s = SETTINGS[setting]
+    batch = s["batch"] // world if mode == "ddp2" else s["batch"]
+    flow.manual_seed(0)
+    model = UNet(1, 1, width=s["width"]).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = flow.optim.Adam(model.parameters(), lr=1e-4)
+    criterion = SegmentationLoss("bce")
+    x = flow.rand(batch, 1, s["size"], s["size"], device=device)
+    y = (flow.rand(batch, 1, s["size"], s["size"], device=device) > 0.5).float()
+    sync = lambda t: t.numpy()
+    if mode == "ddp2":
+        model = flow.nn.parallel.DistributedDataParallel(model)
+    if mode.startswith("graph"):
+        graph = TrainGraph(model, criterion, optimizer, amp=mode == "graph_amp")
+        train_step = lambda: graph(x, y)
+    else:
+        def train_step():
+            loss = criterion(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return loss
+    train = timed(train_step, steps, warmup, sync)
+    infer = None
+    if mode != "ddp2":  # inference is one process's business
+        model.eval()
+        run = InferenceGraphs(model, amp=mode == "graph_amp") if mode.startswith("graph") else model
+        x1 = flow.rand(1, 1, s["size"], s["size"], device=device)
+        with flow.no_grad():
+            infer = timed(lambda: run(x1), steps, warmup, sync)
+    if rank == 0:
+        print(json.dumps(dict(framework="oneflow", version=flow.__version__, mode=mode, setting=setting, params=params,
+                              train_s=train, images=s["batch"], infer_s=infer, peak_mb=peak_memory_mb())), flush=True)
+
+
+def torch_unet(width):
+    import torch.nn as nn
+    import torch
+
+    def double(i, o):
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
+                             nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            w = [width * 2 ** i for i in range(5)]
+            self.inc = double(1, w[0])
+            self.downs = nn.ModuleList(nn.Sequential(nn.MaxPool2d(2), double(w[i], w[i + 1])) for i in range(4))
+            self.ups = nn.ModuleList(nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2) for i in reversed(range(4)))
+            self.convs = nn.ModuleList(double(w[i + 1], w[i]) for i in reversed(range(4)))
+            self.outc = nn.Conv2d(w[0], 1, 1)
+
+        def forward(self, x):
+            skips = [self.inc(x)]
+            for down in self.downs:
+                skips.append(down(skips[-1]))
+            x = skips.pop()
+            for up, conv in zip(self.ups, self.convs):
+                x = conv(torch.cat([skips.pop(), up(x)], 1))
+            return self.outc(x)
+
+    return Net()
+
+
+def torch_worker(setting, steps, warmup, device_name):
+    import torch
+
+    s = SETTINGS[setting]
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    model = torch_unet(s["width"]).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    criterion = torch.nn.BCEWithLogitsLoss()
+    x = torch.rand(s["batch"], 1, s["size"], s["size"], device=device)
+    y = (torch.rand(s["batch"], 1, s["size"], s["size"], device=device) > 0.5).float()
+    sync = (lambda t: torch.cuda.synchronize()) if device.type == "cuda" else (lambda t: None)
+
+    def train_step():
+        loss = criterion(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+    train = timed(train_step, steps, warmup, sync)
+    model.eval()
+    x1 = torch.rand(1, 1, s["size"], s["size"], device=device)
+    with torch.no_grad():
+        infer = timed(lambda: model(x1), steps, warmup, sync)
+    print(json.dumps(dict(framework="pytorch", version=torch.__version__, mode=f"eager {torch.get_num_threads()} threads",
+                          setting=setting, params=params, train_s=train, images=s["batch"], infer_s=infer,
+                          peak_mb=peak_memory_mb())), flush=True)
+
+
+def run_worker(python, spec, args, launcher=False):
+    cmd = [python, *(["-m", "oneflow.distributed.launch", "--nproc_per_node", "2", "--master_port", str(29600 + os.getpid() % 300)] if launcher else []),
+           os.path.abspath(__file__), "--worker", spec, "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"{spec}: failed ({tail})", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
+
+
+def print_table(results):
+    header = f"{'setting':<8} {'framework':<16} {'mode':<16} {'params':>10} {'train ms/step':>14} {'train img/s':>12} {'infer img/s':>12} {'peak MB':>8} {'vs PyTorch':>11}"
+    print(header)
+    torch_ms = {r["setting"]: r["train_s"] for r in results if r["framework"] == "pytorch"}
+    for r in results:
+        ratio = f"{r['train_s'] / torch_ms[r['setting']]:.2f}x" if r["setting"] in torch_ms else "-"
+        infer = f"{1 / r['infer_s']:.2f}" if r["infer_s"] else "-"
+        print(f"{r['setting']:<8} {r['framework'] + ' ' + r['version']:<16} {r['mode']:<16} {r['params']:>10,} "
+              f"{r['train_s'] * 1000:>14.0f} {r['images'] / r['train_s']:>12.2f} {infer:>12} {r['peak_mb']:>8.0f} {ratio:>11}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        framework, mode, setting = args.worker.split(":")
+        if framework == "torch":
+            return torch_worker(setting, args.steps, args.warmup, args.device)
+        return oneflow_worker(mode, setting, args.steps, args.warmup, args.device)
+    if args.steps < 1 or args.warmup < 0:
+        sys.exit("error: --steps must be at least 1 and --warmup at least 0")
+    if args.amp and args.device != "cuda":
+        sys.exit("error: --amp needs --device cuda")
+    if args.torch_python and not os.path.exists(args.torch_python):
+        sys.exit(f"error: {args.torch_python}: no such interpreter")
+    modes = [m for m in args.modes.split(",") if m] + (["graph_amp"] if args.amp else [])
+    settings = list(SETTINGS) if args.setting == "all" else [args.setting]
+    results = []
+    for setting in settings:
+        if args.torch_python:
+            results.append(run_worker(args.torch_python, f"torch:eager:{setting}", args))
+        for mode in modes:
+            results.append(run_worker(sys.executable, f"oneflow:{mode}:{setting}", args, launcher=mode == "ddp2"))
+            print(f"... {setting} {mode} done", file=sys.stderr, flush=True)
+    results = [r for r in results if r]
+    print(f"{os.cpu_count()} CPU cores, device {args.device}, median of {args.steps} steps after {args.warmup} warm-up")
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
