@@ -12,6 +12,7 @@ float cell probabilities, 0 = membrane). With --label_path it prints V_rand, V_i
 per slice and for the stack (metrics.py). The model is rebuilt from the checkpoint alone.
 """
 import argparse
+import multiprocessing
 import os
 import time
 
@@ -39,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--graph", action="store_true", help="run the model through nn.Graph (one compiled graph per input shape)")
     p.add_argument("--label_path", "--label-path", help="labels with the input file names: print ISBI scores of the predictions")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda or cpu")
+    p.add_argument("--workers", type=int, help="processes sharing the slices (default: 1 on CUDA, else one per CPU core, at most 4): "
+                                                "OneFlow's eager CPU kernels keep about one core busy per process")
     return p.parse_args(argv)
 
 
@@ -69,6 +72,33 @@ def read_labels(label_path, names, images):
     return labels
 
 
+_worker = {}
+
+
+def init_worker(checkpoint, device_name, graph, tile, overlap, tta):
+    """Runs once in each worker process: its own model, and the settings every slice shares."""
+    device = flow.device(device_name)
+    model, _ = load_model(checkpoint, device)
+    _worker.update(forward=probability_fn(model, device, graph), tile=tile, overlap=overlap, tta=tta)
+
+
+def predict_in_worker(image):
+    w = _worker
+    return predict_probability(w["forward"], image, w["tile"], w["overlap"], w["tta"])
+
+
+def predict_all(args, images, device):
+    """Cell probabilities of every image, in order, from --workers processes (or this one)."""
+    settings = (args.checkpoint, str(device), args.graph, args.tile, args.overlap, args.tta)
+    if args.workers == 1:
+        init_worker(*settings)
+        yield from map(predict_in_worker, images)
+        return
+    # spawn, not fork: OneFlow's runtime threads do not survive a fork.
+    with multiprocessing.get_context("spawn").Pool(args.workers, initializer=init_worker, initargs=settings) as pool:
+        yield from pool.imap(predict_in_worker, images)
+
+
 def write_png(path, array):
     if not cv2.imwrite(path, array):
         raise DataError(f"{path}: could not be written")
@@ -87,8 +117,11 @@ def main(argv=None):
         raise DataError(f"{os.path.join(args.Test_Data_path, small[0])}: smaller than 16 pixels, too small for four poolings")
     check_tiling(args.tile, args.overlap, 1)
     labels = read_labels(args.label_path, names, images) if args.label_path else None
-    model, state = load_model(args.checkpoint, device)
-    forward = probability_fn(model, device, args.graph)
+    if args.workers is None:
+        args.workers = 1 if cuda else max(1, min(4, len(os.sched_getaffinity(0)), len(images)))
+    if args.workers < 1:
+        raise DataError(f"--workers must be at least 1, got {args.workers}")
+    _, state = load_model(args.checkpoint, device)  # checked here, so a bad checkpoint fails before any output
     prob_dir = os.path.join(args.save_res_path, "prob")
     try:
         os.makedirs(prob_dir, exist_ok=True)
@@ -97,8 +130,7 @@ def main(argv=None):
 
     t0 = time.time()
     probs = []
-    for name, image in zip(names, images):
-        prob = predict_probability(forward, image, args.tile, args.overlap, args.tta)
+    for name, prob in zip(names, predict_all(args, images, device)):
         probs.append(prob)
         out_name = os.path.splitext(name)[0] + ".png"
         write_png(os.path.join(prob_dir, out_name), np.round(prob * 255).astype(np.uint8))
@@ -107,7 +139,7 @@ def main(argv=None):
     if len({p.shape for p in probs}) == 1:
         write_isbi_tiff(os.path.join(args.save_res_path, "submission.tif"), probs)
     print(f"{len(names)} masks in {args.save_res_path}/, probabilities in {prob_dir}/ "
-          f"(UNet{state['model_config']}, epoch {state.get('epoch')}, {seconds:.1f}s on {device}"
+          f"(UNet{state['model_config']}, epoch {state.get('epoch')}, {seconds:.1f}s on {device} x {args.workers} process(es)"
           f"{', tiles ' + str(args.tile) if args.tile else ''}{', TTA' if args.tta else ''}{', graph' if args.graph else ''})")
     if labels is not None:
         print_scores(names, probs, labels)

@@ -143,3 +143,15 @@ def test_prediction_options_and_submission_stack(data, tmp_path):
     # different inference, same model: close but not identical maps
     for name in ("tiles", "tta"):
         assert 0 < np.abs(probs[name] - probs["whole"]).mean() < 0.2
+
+
+def test_prediction_workers_write_the_same_results_as_one_process(data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, *TINY)
+    for workers in (1, 2):
+        out = run("predict_unet_test.py", "--checkpoint", ckpt / "best", "--Test_Data_path", f"{data}/test",
+                  "--save_res_path", tmp_path / f"w{workers}", "--workers", workers).stdout
+        assert f"x {workers} process(es)" in out
+    assert (tmp_path / "w1" / "submission.tif").read_bytes() == (tmp_path / "w2" / "submission.tif").read_bytes()
+    for i in range(3):
+        assert (tmp_path / "w1" / f"{i}.png").read_bytes() == (tmp_path / "w2" / f"{i}.png").read_bytes()
