@@ -114,7 +114,7 @@ def split_names(data_path, val_slices):
     return names[:cut], names[cut:]
 
 
-def build_dataloaders(args, rank, world_size):
+def build_dataloaders(args, rank, world_size, device):
     train_names, val_names = split_names(args.data_path, args.val_slices)
     image_dir, label_dir = os.path.join(args.data_path, "image"), os.path.join(args.data_path, "label")
     # Each rank draws its own crops and flips; the sampler already gives it different slices.
@@ -124,7 +124,7 @@ def build_dataloaders(args, rank, world_size):
     sampler = flow.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     # A graph is compiled for one batch shape, so --graph drops each epoch's short last batch.
     loader = flow.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
-                                        num_workers=args.num_workers, drop_last=args.graph)
+                                        num_workers=args.num_workers, drop_last=args.graph, pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise DataError(f"{args.data_path}: {len(train_set)} training slice(s) per process give no full batch of --batch_size {args.batch_size}")
     return loader, sampler, val_set
@@ -272,7 +272,7 @@ def main(argv=None):
     np.random.seed(args.seed)
     flow.manual_seed(args.seed)
 
-    loader, sampler, val_set = build_dataloaders(args, rank, world_size)
+    loader, sampler, val_set = build_dataloaders(args, rank, world_size, device)
     model = UNet(n_channels=1, n_classes=1, bilinear=args.bilinear, width=args.width).to(device)
     optimizer, scheduler = build_optimizer(args, model, len(loader))
     criterion = SegmentationLoss(args.loss)
