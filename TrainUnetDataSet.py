@@ -15,17 +15,22 @@ import json
 import math
 import os
 import random
-import sys
 import time
 
-import numpy as np
-import oneflow as flow
+from lifeline import tie_to_launcher
 
-from checkpoint import load_checkpoint, save_checkpoint
-from plot import plot_losses, read_log
-from dataloader import SelfDataSet, find_pairs
-from errors import DataError, run_main
-from unet import UNet
+tie_to_launcher()  # before oneflow's import, which under the launcher waits for every rank to join
+
+import numpy as np  # noqa: E402
+import oneflow as flow  # noqa: E402
+
+from checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint  # noqa: E402
+from plot import plot_losses, read_log  # noqa: E402
+from dataloader import SelfDataSet, find_pairs  # noqa: E402
+from errors import DataError, check_output_dir, make_output_dir, run_main  # noqa: E402
+from progress import epoch_bar  # noqa: E402
+from run_record import run_record  # noqa: E402
+from unet import UNet  # noqa: E402
 
 # Defaults that depend on the machine live here and nowhere else. "full" is the article's setting
 # (width-64 U-Net on whole 512x512 slices); "cpu" is sized to finish in under 30 minutes on 2 cores.
@@ -73,6 +78,9 @@ def resolve_args(args, cuda):
         raise DataError(f"--crop_size must be 0 or at least 16 (four poolings), got {args.crop_size}")
     if args.val_slices < 0:
         raise DataError(f"--val_slices must be 0 or more, got {args.val_slices}")
+    if args.seed < 0:
+        raise DataError(f"--seed must be 0 or more, got {args.seed}")
+    check_output_dir(args.checkpoint_dir, "--checkpoint_dir")
     return args
 
 
@@ -115,17 +123,27 @@ def all_reduce_sum(values, device):
     return t.numpy().tolist()
 
 
-def train_one_epoch(model, loader, criterion, optimizer, device):
+class NonFiniteLoss(ArithmeticError):
+    """A NaN or inf loss at `step` (1-based) of an epoch."""
+
+
+def train_one_epoch(model, loader, criterion, optimizer, device, progress=None):
     model.train()
     loss_sum, count = 0.0, 0
-    for image, label in loader:
+    for step, (image, label) in enumerate(loader, 1):
         image, label = image.to(device), label.to(device)
         loss = criterion(model(image), label)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * image.shape[0]
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(f"step {step}: loss is {loss_value}")
+        loss_sum += loss_value * image.shape[0]
         count += image.shape[0]
+        if progress is not None:
+            progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            progress.update(image.shape[0])
     loss_sum, count = all_reduce_sum([loss_sum, count], device)
     return loss_sum / count
 
@@ -143,6 +161,10 @@ def evaluate(model, val_set, criterion, device):
     return float(np.mean(losses))
 
 
+def saved_note(last_saved):
+    return f"last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
+
+
 def append_log(path, row):
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
@@ -158,14 +180,20 @@ def truncate_log(path, last_epoch):
         return
     with open(path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= last_epoch]
-    os.remove(path)
+    tmp = path + ".tmp"  # replaced in one rename: a kill here must not lose the log
+    if os.path.exists(tmp):
+        os.remove(tmp)
     for row in rows:
-        append_log(path, row)
+        append_log(tmp, row)
+    if rows:
+        os.replace(tmp, path)
+    else:
+        os.remove(path)
 
 
 def write_config(args, world_size, device):
     config = dict(vars(args))
-    config.update(world_size=world_size, device=str(device), oneflow=flow.__version__, python=sys.version.split()[0])
+    config.update(world_size=world_size, **run_record(device))
     with open(os.path.join(args.checkpoint_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -192,6 +220,8 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = args.lr
         start_epoch, best_val = state["epoch"] + 1, state.get("best_val_loss", math.inf)
+        if "rng" in state:
+            restore_rng_state(state["rng"])
     if world_size > 1:
         # Broadcasts rank 0's weights, then all-reduces gradients in backward.
         model = flow.nn.parallel.DistributedDataParallel(model)
@@ -199,10 +229,7 @@ def main(argv=None):
 
     log_path = os.path.join(args.checkpoint_dir, "log.csv")
     if master_process:
-        try:
-            os.makedirs(args.checkpoint_dir, exist_ok=True)
-        except OSError as e:
-            raise DataError(f"{args.checkpoint_dir}: cannot create checkpoint folder ({e.strerror})") from None
+        make_output_dir(args.checkpoint_dir, "--checkpoint_dir")
         if args.resume:
             truncate_log(log_path, start_epoch - 1)
         elif os.path.exists(log_path):
@@ -213,22 +240,35 @@ def main(argv=None):
         print(f"{len(loader.dataset)} training slices, {len(val_set) if val_set else 0} validation slices; "
               f"writing to {args.checkpoint_dir}/", flush=True)
 
+    last_saved = args.resume
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
         sampler.set_epoch(epoch)
-        train_loss = train_one_epoch(model, loader, criterion, optimizer, device)
+        loader.dataset.set_epoch(epoch)
+        progress = epoch_bar(epoch, args.epochs, len(sampler), master_process, world_size)
+        try:
+            train_loss = train_one_epoch(model, loader, criterion, optimizer, device, progress)
+        except NonFiniteLoss as e:
+            raise DataError(f"epoch {epoch} {e}; stopped, {saved_note(last_saved)}") from None
+        finally:
+            progress.close()
         val_loss = evaluate(model, val_set, criterion, device) if val_set else float("nan")
+        if val_set and not math.isfinite(val_loss):
+            raise DataError(f"epoch {epoch}: validation loss is {val_loss}; stopped, {saved_note(last_saved)}")
         seconds = time.time() - t0
         if master_process:
             is_best = val_set is None or val_loss < best_val
             if val_set is not None and is_best:
                 best_val = val_loss
-            extra = dict(epoch=epoch, best_val_loss=best_val, args=vars(args))
-            save_checkpoint(os.path.join(args.checkpoint_dir, "last"), model, optimizer, **extra)
-            if is_best:
-                save_checkpoint(os.path.join(args.checkpoint_dir, "best"), model, optimizer, **extra)
+            # Log row, then best, then last: a kill between them leaves `last` as the resume point and
+            # anything after it (a log row, a newer best) is redone on resume.
             append_log(log_path, dict(epoch=epoch, train_loss=f"{train_loss:.5f}", val_loss=f"{val_loss:.5f}",
                                       lr=args.lr, seconds=f"{seconds:.1f}"))
+            extra = dict(epoch=epoch, best_val_loss=best_val, args=vars(args), rng=rng_state())
+            if is_best:
+                save_checkpoint(os.path.join(args.checkpoint_dir, "best"), model, optimizer, **extra)
+            last_saved = os.path.join(args.checkpoint_dir, "last")
+            save_checkpoint(last_saved, model, optimizer, **extra)
             plot_losses(read_log(log_path), os.path.join(args.checkpoint_dir, "loss.png"))
             print(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}"
                   f"{'  *best' if is_best else ''}  {seconds:.1f}s", flush=True)

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import oneflow as flow
 
-from errors import DataError, run_main
+from errors import DataError, run_main, warn
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -33,11 +33,18 @@ def list_images(folder):
     return names
 
 
+CHANNELS = {2: "gray+alpha", 3: "RGB", 4: "RGBA"}
+
+
 def read_gray(path):
-    """An 8-bit single-channel image as a uint8 HxW array."""
+    """An 8-bit single-channel image as a uint8 HxW array; colour and 16-bit files are converted with
+    one warning line, as a silently converted file is how a wrong dataset goes unnoticed."""
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise DataError(f"{path}: not a readable image (missing, corrupt or unsupported format)")
+    if img.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"{path}: unsupported pixel type {img.dtype}; expected 8- or 16-bit grayscale")
+    kind = CHANNELS.get(img.shape[2], f"{img.shape[2]}-channel") if img.ndim == 3 else None
     if img.ndim == 3:
         if img.shape[2] == 4:
             img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
@@ -45,10 +52,15 @@ def read_gray(path):
             img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
         else:
             img = img[:, :, 0]
-    if img.dtype == np.uint16:
+    deep = img.dtype == np.uint16
+    if deep:
         img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
-    elif img.dtype != np.uint8:
-        raise DataError(f"{path}: unsupported pixel type {img.dtype}; expected 8- or 16-bit grayscale")
+    if kind and deep:
+        warn(f"{path}: 16-bit {kind} image converted to 8-bit grayscale")
+    elif kind:
+        warn(f"{path}: {kind} image converted to grayscale")
+    elif deep:
+        warn(f"{path}: 16-bit image scaled to 8-bit")
     return img
 
 
@@ -60,6 +72,27 @@ def preprocess(img):
 def binarize_label(label):
     """Label image (255 = cell, 0 = membrane) -> float32 1xHxW with 1 = cell."""
     return (label > 127).astype(np.float32)[None]
+
+
+def check_binary_label(label, path):
+    """Raises DataError unless `label` is 0 (membrane) / 255 (cell).
+
+    At most 1% of pixels may lie strictly between 10 and 245: JPEG-compressed copies of the labels
+    circulate, and their ringing at edges is harmless once binarised at 127.
+    """
+    grey = np.count_nonzero((label > 10) & (label < 245))
+    if grey > 0.01 * label.size:
+        raise DataError(f"{path}: not a binary label ({grey / label.size:.0%} of pixels are neither 0 nor 255; "
+                        "expected 0 = membrane, 255 = cell)")
+
+
+def read_pair(image_path, label_path):
+    """A training image and its label as uint8 arrays, checked: same size, binary label."""
+    image, label = read_gray(image_path), read_gray(label_path)
+    if image.shape != label.shape:
+        raise DataError(f"{label_path}: size {label.shape[1]}x{label.shape[0]} differs from its image's {image.shape[1]}x{image.shape[0]}")
+    check_binary_label(label, label_path)
+    return image, label
 
 
 def find_pairs(image_dir, label_dir):
@@ -90,6 +123,7 @@ class SelfDataSet(flow.utils.data.Dataset):
     names:     which file names of `image_dir` to use (default: all pairs, in natural order).
     augment:   random flip/rotation, identical for image and label.
     crop_size: random square crop of this side (None or 0: whole slice).
+    seed:      with the epoch (`set_epoch`) and the index, fixes every random draw.
     """
 
     def __init__(self, image_dir, label_dir, names=None, augment=False, crop_size=None, seed=0):
@@ -101,28 +135,33 @@ class SelfDataSet(flow.utils.data.Dataset):
         self.images, self.labels = [], []
         for image_name, label_name in pairs:
             image_path, label_path = os.path.join(image_dir, image_name), os.path.join(label_dir, label_name)
-            image, label = read_gray(image_path), read_gray(label_path)
-            if image.shape != label.shape:
-                raise DataError(f"{label_path}: size {label.shape[1]}x{label.shape[0]} differs from its image's {image.shape[1]}x{image.shape[0]}")
+            image, label = read_pair(image_path, label_path)
             if self.crop_size and min(image.shape) < self.crop_size:
                 raise DataError(f"{image_path}: {image.shape[1]}x{image.shape[0]} is smaller than --crop_size {self.crop_size}")
             self.images.append(preprocess(image))
             self.labels.append(binarize_label(label))
-        self.rng = np.random.default_rng(seed)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch):
+        # Augmentation depends only on (seed, epoch, index), not on what was drawn before: a resumed run
+        # draws the same crops and flips as an uninterrupted one, with no generator state to save, and
+        # DataLoader workers (each holding a copy of this object) do not repeat each other's draws.
+        self.epoch = epoch
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, index):
         image, label = self.images[index], self.labels[index]
+        rng = np.random.default_rng((self.seed, self.epoch, index))
         if self.crop_size:
             h, w = image.shape[-2:]
-            y = self.rng.integers(0, h - self.crop_size + 1)
-            x = self.rng.integers(0, w - self.crop_size + 1)
+            y = rng.integers(0, h - self.crop_size + 1)
+            x = rng.integers(0, w - self.crop_size + 1)
             image = image[:, y:y + self.crop_size, x:x + self.crop_size]
             label = label[:, y:y + self.crop_size, x:x + self.crop_size]
         if self.augment:
-            k = int(self.rng.integers(8))
+            k = int(rng.integers(8))
             image, label = dihedral(image, k), dihedral(label, k)
         return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
