@@ -24,7 +24,7 @@ tie_to_launcher()  # before oneflow's import, which under the launcher waits for
 import numpy as np  # noqa: E402
 import oneflow as flow  # noqa: E402
 
-from checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, save_checkpoint, seed_epoch  # noqa: E402
 from plot import plot_losses, read_log  # noqa: E402
 from dataloader import SelfDataSet, find_pairs  # noqa: E402
 from errors import DataError, check_output_dir, make_output_dir, run_main  # noqa: E402
@@ -220,8 +220,6 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = args.lr
         start_epoch, best_val = state["epoch"] + 1, state.get("best_val_loss", math.inf)
-        if "rng" in state:
-            restore_rng_state(state["rng"])
     if world_size > 1:
         # Broadcasts rank 0's weights, then all-reduces gradients in backward.
         model = flow.nn.parallel.DistributedDataParallel(model)
@@ -245,6 +243,7 @@ def main(argv=None):
         t0 = time.time()
         sampler.set_epoch(epoch)
         loader.dataset.set_epoch(epoch)
+        seed_epoch(args.seed, rank, epoch)  # so a resumed run draws what an uninterrupted one would
         progress = epoch_bar(epoch, args.epochs, len(sampler), master_process, world_size)
         try:
             train_loss = train_one_epoch(model, loader, criterion, optimizer, device, progress)
@@ -264,7 +263,7 @@ def main(argv=None):
             # anything after it (a log row, a newer best) is redone on resume.
             append_log(log_path, dict(epoch=epoch, train_loss=f"{train_loss:.5f}", val_loss=f"{val_loss:.5f}",
                                       lr=args.lr, seconds=f"{seconds:.1f}"))
-            extra = dict(epoch=epoch, best_val_loss=best_val, args=vars(args), rng=rng_state())
+            extra = dict(epoch=epoch, best_val_loss=best_val, args=vars(args))
             if is_best:
                 save_checkpoint(os.path.join(args.checkpoint_dir, "best"), model, optimizer, **extra)
             last_saved = os.path.join(args.checkpoint_dir, "last")

@@ -1,4 +1,4 @@
-"""Checkpoints: one `flow.save` directory holding net, optimizer, epoch, RNG state and the model config.
+"""Checkpoints: one `flow.save` directory holding net, optimizer, epoch and the model config.
 
 A checkpoint rebuilds its own model (`load_model`), so prediction needs only the path. A save goes to
 `.NAME.tmp` first; then the previous checkpoint moves to `.NAME.old` and the new one into place, and
@@ -77,14 +77,17 @@ def load_model(path, device="cpu"):
     return model, state
 
 
-def rng_state():
-    """Python's, NumPy's and OneFlow's global generators (OneFlow's CPU one; CUDA is reseeded by
-    flow.manual_seed). The dataset's augmentation needs none of it: it is a function of (seed, epoch,
-    index), see SelfDataSet.set_epoch."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "oneflow": flow.get_rng_state().numpy()}
+def seed_epoch(seed, rank, epoch):
+    """Seeds Python's, NumPy's and OneFlow's global generators from (seed, rank, epoch).
 
-
-def restore_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    flow.set_rng_state(flow.tensor(state["oneflow"], dtype=flow.uint8))
+    Called at the start of every epoch, so what an epoch draws depends on nothing before it and a
+    resumed run needs no generator state from its checkpoint. Saving the states instead does not work
+    with OneFlow 0.9.0: flow.get_rng_state()/set_rng_state() round-trip only until the first random op
+    after manual_seed (measured: set_rng_state(get_rng_state()) then flow.rand gives a third stream).
+    The dataset's crops and flips follow the same rule (SelfDataSet.set_epoch). Ranks differ, so
+    anything random per sample (dropout, say) differs between DDP replicas as it should.
+    """
+    derived = int(np.random.SeedSequence((seed, rank, epoch)).generate_state(1)[0])
+    random.seed(derived)
+    np.random.seed(derived)
+    flow.manual_seed(derived)
