@@ -39,9 +39,11 @@ CHANNELS = {2: "gray+alpha", 3: "RGB", 4: "RGBA"}
 def read_gray(path):
     """An 8-bit single-channel image as a uint8 HxW array; colour and 16-bit files are converted with
     one warning line, as a silently converted file is how a wrong dataset goes unnoticed."""
+    if not os.path.isfile(path):  # checked here, as OpenCV would add a warning line of its own
+        raise DataError(f"{path}: no such file")
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise DataError(f"{path}: not a readable image (missing, corrupt or unsupported format)")
+        raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
     if img.dtype not in (np.uint8, np.uint16):
         raise DataError(f"{path}: unsupported pixel type {img.dtype}; expected 8- or 16-bit grayscale")
     kind = CHANNELS.get(img.shape[2], f"{img.shape[2]}-channel") if img.ndim == 3 else None
