@@ -28,6 +28,24 @@ def test_unpaired_files(data, tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_label_without_image(data, tmp_path):
+    os.remove(f"{data}/train/image/2.png")
+    assert_fails(train(f"{data}/train", tmp_path / "ckpt"), f"{data}/train/label", "without an image", "2.png")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_resume_from_a_missing_checkpoint(data, tmp_path):
+    assert_fails(train(f"{data}/train", tmp_path / "ckpt", "--resume", tmp_path / "nothing"), tmp_path / "nothing", "no such checkpoint")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_predict_empty_test_folder(tmp_path):
+    os.makedirs(tmp_path / "empty")
+    proc = run("predict_unet_test.py", "--Test_Data_path", tmp_path / "empty", "--save_res_path", tmp_path / "res", check=False)
+    assert_fails(proc, tmp_path / "empty", "no images")
+    assert not (tmp_path / "res").exists()
+
+
 def test_mis_sized_label(data, tmp_path):
     cv2.imwrite(f"{data}/train/label/2.png", np.zeros((40, 48), np.uint8))
     assert_fails(train(f"{data}/train", tmp_path / "ckpt"), f"{data}/train/label/2.png", "differs")
