@@ -1,6 +1,5 @@
-"""Visible progress and run records: the tqdm bar on a terminal only, config.json and run.json."""
+"""The per-epoch progress bar: on a terminal (a pseudo-terminal here) with loss and img/s, never in logs."""
 import fcntl
-import json
 import os
 import pty
 import re
