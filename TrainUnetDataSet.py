@@ -19,20 +19,25 @@ import json
 import math
 import os
 import random
-import sys
 import time
 
-import numpy as np
-import oneflow as flow
+from lifeline import tie_to_launcher
 
-from checkpoint import load_checkpoint, save_checkpoint
-from dataloader import SelfDataSet, find_pairs
-from errors import DataError, run_main
-from graphs import InferenceGraphs, TrainGraph
-from losses import LOSSES, SegmentationLoss
-from metrics import THRESHOLDS, pixel_error, score_curve
-from plot import plot_losses, read_log
-from unet import UNet
+tie_to_launcher()  # before oneflow's import, which under the launcher waits for every rank to join
+
+import numpy as np  # noqa: E402
+import oneflow as flow  # noqa: E402
+
+from checkpoint import load_checkpoint, save_checkpoint, seed_epoch  # noqa: E402
+from dataloader import SelfDataSet, find_pairs  # noqa: E402
+from errors import DataError, check_output_dir, make_output_dir, run_main  # noqa: E402
+from graphs import InferenceGraphs, TrainGraph  # noqa: E402
+from losses import LOSSES, SegmentationLoss  # noqa: E402
+from metrics import THRESHOLDS, pixel_error, score_curve  # noqa: E402
+from plot import plot_losses, read_log  # noqa: E402
+from progress import epoch_bar  # noqa: E402
+from run_record import run_record  # noqa: E402
+from unet import UNet  # noqa: E402
 
 # Defaults that depend on the machine live here and nowhere else. "full" is the article's setting
 # (width-64 U-Net on whole 512x512 slices); "cpu" is sized to finish in under 30 minutes on 2 cores.
@@ -91,6 +96,9 @@ def resolve_args(args, cuda, world_size=1):
         raise DataError(f"--val_slices must be 0 or more, got {args.val_slices}")
     if args.amp and not (cuda and args.graph):
         raise DataError("--amp needs --graph on a CUDA device (OneFlow's eager CPU path has no float16 kernels worth using)")
+    if args.seed < 0:
+        raise DataError(f"--seed must be 0 or more, got {args.seed}")
+    check_output_dir(args.checkpoint_dir, "--checkpoint_dir")
     return args
 
 
@@ -153,15 +161,24 @@ def all_reduce_sum(values, device):
     return t.numpy().tolist()
 
 
-def train_one_epoch(step_fn, model, loader, device):
+class NonFiniteLoss(ArithmeticError):
+    """A NaN or inf loss at `step` (1-based) of an epoch."""
+
+
+def train_one_epoch(step_fn, model, loader, device, progress=None):
     """One pass over this rank's share of the slices; returns the mean loss over all ranks."""
     model.train()
     loss_sum, count = 0.0, 0
-    for batch in loader:
+    for step, batch in enumerate(loader, 1):
         batch = [t.to(device) for t in batch]
-        loss = step_fn(*batch)
-        loss_sum += loss.item() * batch[0].shape[0]
+        loss_value = step_fn(*batch).item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(f"step {step}: loss is {loss_value}")
+        loss_sum += loss_value * batch[0].shape[0]
         count += batch[0].shape[0]
+        if progress is not None:
+            progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            progress.update(batch[0].shape[0])
     loss_sum, count = all_reduce_sum([loss_sum, count], device)
     return loss_sum / count
 
@@ -204,6 +221,10 @@ def evaluate(forward, model, val_set, criterion, device, rank, world_size):
     return dict(val_loss=totals[0] / n, v_rand=float(curve[:, 0].max()), v_info=float(curve[:, 1].max()), pixel_error=totals[1] / n)
 
 
+def saved_note(last_saved):
+    return f"last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
+
+
 def append_log(path, row):
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
@@ -219,14 +240,20 @@ def truncate_log(path, last_epoch):
         return
     with open(path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= last_epoch]
-    os.remove(path)
+    tmp = path + ".tmp"  # replaced in one rename: a kill here must not lose the log
+    if os.path.exists(tmp):
+        os.remove(tmp)
     for row in rows:
-        append_log(path, row)
+        append_log(tmp, row)
+    if rows:
+        os.replace(tmp, path)
+    else:
+        os.remove(path)
 
 
 def write_config(args, world_size, device):
     config = dict(vars(args))
-    config.update(world_size=world_size, device=str(device), oneflow=flow.__version__, python=sys.version.split()[0])
+    config.update(world_size=world_size, **run_record(device))
     with open(os.path.join(args.checkpoint_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -250,15 +277,18 @@ def resume_from(args, model, optimizer, scheduler, steps_per_epoch, master_proce
     return state["epoch"] + 1, state.get("best_v_rand", -math.inf), state
 
 
-def save_checkpoints(args, model, optimizer, scheduler, train_graph, is_best, **extra):
+def save_checkpoints(args, model, optimizer, train_graph, is_best, **extra):
+    """Writes `best` (if is_best), then `last`; returns the path of `last`."""
     if train_graph is not None:
         # The graph keeps Adam's moments and its step counter itself; store those instead of the eager optimizer's.
         extra["graph"] = {k: v for k, v in train_graph.state_dict().items() if not isinstance(v, dict)}
     else:
         extra.update(optimizer=optimizer.state_dict())
-    save_checkpoint(os.path.join(args.checkpoint_dir, "last"), model, **extra)
     if is_best:
         save_checkpoint(os.path.join(args.checkpoint_dir, "best"), model, **extra)
+    last = os.path.join(args.checkpoint_dir, "last")
+    save_checkpoint(last, model, **extra)
+    return last
 
 
 def main(argv=None):
@@ -293,10 +323,7 @@ def main(argv=None):
 
     log_path = os.path.join(args.checkpoint_dir, "log.csv")
     if master_process:
-        try:
-            os.makedirs(args.checkpoint_dir, exist_ok=True)
-        except OSError as e:
-            raise DataError(f"{args.checkpoint_dir}: cannot create checkpoint folder ({e.strerror})") from None
+        make_output_dir(args.checkpoint_dir, "--checkpoint_dir")
         if args.resume:
             truncate_log(log_path, start_epoch - 1)
         elif os.path.exists(log_path):
@@ -309,22 +336,35 @@ def main(argv=None):
               f"writing to {args.checkpoint_dir}/", flush=True)
 
     total_steps = args.epochs * len(loader)
+    last_saved = args.resume
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
         sampler.set_epoch(epoch)
-        train_loss = train_one_epoch(step_fn, model, loader, device)
+        loader.dataset.set_epoch(epoch)
+        seed_epoch(args.seed, rank, epoch)  # so a resumed run draws what an uninterrupted one would
+        progress = epoch_bar(epoch, args.epochs, len(sampler), master_process, world_size)
+        try:
+            train_loss = train_one_epoch(step_fn, model, loader, device, progress)
+        except NonFiniteLoss as e:
+            raise DataError(f"epoch {epoch} {e}; stopped, {saved_note(last_saved)}") from None
+        finally:
+            progress.close()
         scores = evaluate(forward, model, val_set, criterion, device, rank, world_size) if val_set else {}
+        if scores and not math.isfinite(scores["val_loss"]):
+            raise DataError(f"epoch {epoch}: validation loss is {scores['val_loss']}; stopped, {saved_note(last_saved)}")
         seconds = time.time() - t0
         if master_process:
             is_best = not scores or scores["v_rand"] > best_v_rand
             if scores and is_best:
                 best_v_rand = scores["v_rand"]
-            save_checkpoints(args, model, optimizer, scheduler, train_graph, is_best,
-                             epoch=epoch, best_v_rand=best_v_rand, run_args=vars(args))
             row = dict(epoch=epoch, train_loss=f"{train_loss:.5f}")
             row.update({k: f"{scores.get(k, float('nan')):.5f}" for k in ("val_loss", "v_rand", "v_info", "pixel_error")})
             row.update(lr=f"{lr_at(args, epoch * len(loader), total_steps):.3g}", seconds=f"{seconds:.1f}")
+            # Log row, then best, then last: a kill between them leaves `last` as the resume point and
+            # anything after it (a log row, a newer best) is redone on resume.
             append_log(log_path, row)
+            last_saved = save_checkpoints(args, model, optimizer, train_graph, is_best,
+                                          epoch=epoch, best_v_rand=best_v_rand, run_args=vars(args))
             plot_losses(read_log(log_path), os.path.join(args.checkpoint_dir, "loss.png"))
             print(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f}  val loss {row['val_loss']}  "
                   f"V_rand {row['v_rand']}  V_info {row['v_info']}  pixel error {row['pixel_error']}"

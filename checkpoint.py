@@ -1,12 +1,15 @@
 """Checkpoints: one `flow.save` directory holding net, optimizer, epoch and the model config.
 
-A checkpoint rebuilds its own model (`load_model`), so prediction needs only the path. Writes go to a
-temporary directory first and are swapped in by rename, so a run killed mid-save keeps the previous one.
+A checkpoint rebuilds its own model (`load_model`), so prediction needs only the path. A save goes to
+`.NAME.tmp` first; then the previous checkpoint moves to `.NAME.old` and the new one into place, and
+`.NAME.old` is removed. A run killed at any moment therefore leaves a loadable checkpoint: NAME itself,
+or, when killed between the two renames, `.NAME.old`, which `load_checkpoint(NAME)` falls back to.
 """
 import os
+import random
 import shutil
-import tempfile
 
+import numpy as np
 import oneflow as flow
 
 from errors import DataError
@@ -15,27 +18,38 @@ from unet import UNet
 FORMAT = "isbi-unet-oneflow/1"
 
 
+def sibling(path, suffix):
+    """`dir/.NAME.suffix` beside checkpoint `dir/NAME`."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.{suffix}")
+
+
+def nonfinite_entries(state_dict):
+    return [name for name, t in state_dict.items() if t.is_floating_point() and not bool(flow.isfinite(t).all())]
+
+
 def save_checkpoint(path, model, **extra):
     """Writes model, its config and `extra` (optimizer state, epoch, ...) to the directory `path`."""
-    state = {"format": FORMAT, "model_config": model.config(), "model": model.state_dict(), **extra}
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the checkpoint from other users
-    try:
-        flow.save(state, tmp)
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.rename(path, os.path.join(old, "ckpt"))
-        os.rename(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    weights = model.state_dict()
+    bad = nonfinite_entries(weights)
+    if bad:  # the last line of defence: a diverged run must not replace a good checkpoint
+        raise DataError(f"{path}: not saved, {bad[0]} holds NaN or inf (training diverged)")
+    state = {"format": FORMAT, "model_config": model.config(), "model": weights, **extra}
+    tmp, old = sibling(path, "tmp"), sibling(path, "old")
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)  # left by a run killed after its swap
+    flow.save(state, tmp)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path, device="cpu"):
+    if not os.path.exists(path) and os.path.isfile(os.path.join(sibling(path, "old"), "pickled_data")):
+        path = sibling(path, "old")  # killed between the two renames of a save
     if not os.path.exists(path):
         raise DataError(f"{path}: no such checkpoint")
     if not os.path.isfile(os.path.join(path, "pickled_data")):
@@ -43,7 +57,8 @@ def load_checkpoint(path, device="cpu"):
     try:
         state = flow.load(path, map_location=device)
     except Exception as e:  # OneFlow raises assorted types for truncated or foreign files
-        raise DataError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise DataError(f"{path}: unreadable checkpoint, truncated or corrupt ({detail})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataError(f"{path}: not a checkpoint of this repo (no '{FORMAT}' marker)")
     return state
@@ -59,3 +74,19 @@ def load_model(path, device="cpu"):
         raise DataError(f"{path}: weights do not fit UNet{state['model_config']} ({e})") from None
     model.eval()
     return model, state
+
+
+def seed_epoch(seed, rank, epoch):
+    """Seeds Python's, NumPy's and OneFlow's global generators from (seed, rank, epoch).
+
+    Called at the start of every epoch, so what an epoch draws depends on nothing before it and a
+    resumed run needs no generator state from its checkpoint. Saving the states instead does not work
+    with OneFlow 0.9.0: flow.get_rng_state()/set_rng_state() round-trip only until the first random op
+    after manual_seed (measured: set_rng_state(get_rng_state()) then flow.rand gives a third stream).
+    The dataset's crops and flips follow the same rule (SelfDataSet.set_epoch). Ranks differ, so
+    anything random per sample (dropout, say) differs between DDP replicas as it should.
+    """
+    derived = int(np.random.SeedSequence((seed, rank, epoch)).generate_state(1)[0])
+    random.seed(derived)
+    np.random.seed(derived)
+    flow.manual_seed(derived)

@@ -17,7 +17,7 @@ import numpy as np
 import oneflow as flow
 
 from augment import border_weight_map, elastic_deform, intensity_jitter
-from errors import DataError, run_main
+from errors import DataError, run_main, warn
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -36,11 +36,20 @@ def list_images(folder):
     return names
 
 
+CHANNELS = {2: "gray+alpha", 3: "RGB", 4: "RGBA"}
+
+
 def read_gray(path):
-    """An 8-bit single-channel image as a uint8 HxW array."""
+    """An 8-bit single-channel image as a uint8 HxW array; colour and 16-bit files are converted with
+    one warning line, as a silently converted file is how a wrong dataset goes unnoticed."""
+    if not os.path.isfile(path):  # checked here, as OpenCV would add a warning line of its own
+        raise DataError(f"{path}: no such file")
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise DataError(f"{path}: not a readable image (missing, corrupt or unsupported format)")
+        raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
+    if img.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"{path}: unsupported pixel type {img.dtype}; expected 8- or 16-bit grayscale")
+    kind = CHANNELS.get(img.shape[2], f"{img.shape[2]}-channel") if img.ndim == 3 else None
     if img.ndim == 3:
         if img.shape[2] == 4:
             img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
@@ -48,10 +57,15 @@ def read_gray(path):
             img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
         else:
             img = img[:, :, 0]
-    if img.dtype == np.uint16:
+    deep = img.dtype == np.uint16
+    if deep:
         img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
-    elif img.dtype != np.uint8:
-        raise DataError(f"{path}: unsupported pixel type {img.dtype}; expected 8- or 16-bit grayscale")
+    if kind and deep:
+        warn(f"{path}: 16-bit {kind} image converted to 8-bit grayscale")
+    elif kind:
+        warn(f"{path}: {kind} image converted to grayscale")
+    elif deep:
+        warn(f"{path}: 16-bit image scaled to 8-bit")
     return img
 
 
@@ -63,6 +77,27 @@ def preprocess(img):
 def binarize_label(label):
     """Label image (255 = cell, 0 = membrane) -> float32 1xHxW with 1 = cell."""
     return (label > 127).astype(np.float32)[None]
+
+
+def check_binary_label(label, path):
+    """Raises DataError unless `label` is 0 (membrane) / 255 (cell).
+
+    At most 1% of pixels may lie strictly between 10 and 245: JPEG-compressed copies of the labels
+    circulate, and their ringing at edges is harmless once binarised at 127.
+    """
+    grey = np.count_nonzero((label > 10) & (label < 245))
+    if grey > 0.01 * label.size:
+        raise DataError(f"{path}: not a binary label ({grey / label.size:.0%} of pixels are neither 0 nor 255; "
+                        "expected 0 = membrane, 255 = cell)")
+
+
+def read_pair(image_path, label_path):
+    """A training image and its label as uint8 arrays, checked: same size, binary label."""
+    image, label = read_gray(image_path), read_gray(label_path)
+    if image.shape != label.shape:
+        raise DataError(f"{label_path}: size {label.shape[1]}x{label.shape[0]} differs from its image's {image.shape[1]}x{image.shape[0]}")
+    check_binary_label(label, label_path)
+    return image, label
 
 
 def find_pairs(image_dir, label_dir):
@@ -94,6 +129,7 @@ class SelfDataSet(flow.utils.data.Dataset):
     augment:   elastic deformation (if elastic_sigma > 0), random flip/rotation, intensity jitter.
     crop_size: random square crop of this side (None or 0: whole slice).
     border_weight: w0 of the paper's weight map; > 0 makes items (image, label, weight).
+    seed:      with the epoch (`set_epoch`) and the index, fixes every random draw.
     """
 
     def __init__(self, image_dir, label_dir, names=None, augment=False, crop_size=None, seed=0,
@@ -106,9 +142,7 @@ class SelfDataSet(flow.utils.data.Dataset):
         self.images, self.labels = [], []
         for image_name, label_name in pairs:
             image_path, label_path = os.path.join(image_dir, image_name), os.path.join(label_dir, label_name)
-            image, label = read_gray(image_path), read_gray(label_path)
-            if image.shape != label.shape:
-                raise DataError(f"{label_path}: size {label.shape[1]}x{label.shape[0]} differs from its image's {image.shape[1]}x{image.shape[0]}")
+            image, label = read_pair(image_path, label_path)
             if self.crop_size and min(image.shape) < self.crop_size:
                 raise DataError(f"{image_path}: {image.shape[1]}x{image.shape[0]} is smaller than --crop_size {self.crop_size}")
             self.images.append(preprocess(image))
@@ -116,28 +150,35 @@ class SelfDataSet(flow.utils.data.Dataset):
         self.elastic_sigma = elastic_sigma
         # Computed once per slice and deformed with it (recomputing per sample costs ~50 ms).
         self.weights = [border_weight_map(l, w0=border_weight) for l in self.labels] if border_weight > 0 else None
-        self.rng = np.random.default_rng(seed)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch):
+        # Augmentation depends only on (seed, epoch, index), not on what was drawn before: a resumed run
+        # draws the same crops and flips as an uninterrupted one, with no generator state to save, and
+        # DataLoader workers (each holding a copy of this object) do not repeat each other's draws.
+        self.epoch = epoch
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, index):
+        rng = np.random.default_rng((self.seed, self.epoch, index))
         arrays = [self.images[index], self.labels[index]]
         if self.weights is not None:
             arrays.append(self.weights[index])
         if self.augment and self.elastic_sigma > 0:
             # The whole slice, then the crop: deforming a crop would pull mirrored content into its edges.
             image, label, *weight = arrays
-            arrays = list(elastic_deform(image, label, self.rng, sigma=self.elastic_sigma, weight=weight[0] if weight else None))
+            arrays = list(elastic_deform(image, label, rng, sigma=self.elastic_sigma, weight=weight[0] if weight else None))
         if self.crop_size:
             h, w = arrays[0].shape[-2:]
-            y = self.rng.integers(0, h - self.crop_size + 1)
-            x = self.rng.integers(0, w - self.crop_size + 1)
+            y = rng.integers(0, h - self.crop_size + 1)
+            x = rng.integers(0, w - self.crop_size + 1)
             arrays = [a[:, y:y + self.crop_size, x:x + self.crop_size] for a in arrays]
         if self.augment:
-            k = int(self.rng.integers(8))
+            k = int(rng.integers(8))
             arrays = [dihedral(a, k) for a in arrays]
-            arrays[0] = intensity_jitter(arrays[0], self.rng)
+            arrays[0] = intensity_jitter(arrays[0], rng)
         return tuple(np.ascontiguousarray(a, dtype=np.float32) for a in arrays)
 
 

@@ -2,7 +2,9 @@
 
 Kept free of OneFlow so plot.py starts without it.
 """
+import os
 import sys
+import tempfile
 
 
 class DataError(ValueError):
@@ -16,3 +18,34 @@ def run_main(main):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def warn(message):
+    """One `warning: ...` line on stderr; silent on ranks other than 0, which read the same files."""
+    if int(os.environ.get("RANK") or 0) > 0:
+        return
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_output_dir(path, flag):
+    """Fails early, creating nothing, when folder `path` could not be created or written.
+
+    Run before any heavy work; the folder itself is made only once there is something to write.
+    """
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DataError(f"{path}: {flag} cannot be created, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{path}: {flag} is not writable (no write permission on {existing})")
+
+
+def make_output_dir(path, flag):
+    """Creates folder `path` and proves it writable by making a file in it."""
+    check_output_dir(path, flag)
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise DataError(f"{path}: {flag} cannot be written ({e.strerror})") from None

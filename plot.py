@@ -1,4 +1,5 @@
-"""Draw the loss curve of a training run to a PNG (headless).
+"""Draw a training run's log to a PNG (headless): train/validation loss per epoch and, when the log
+has them, the validation metrics (V_rand, V_info, pixel error) in a second panel.
 
     python3 plot.py                                   # reads checkpoints/log.csv, writes checkpoints/loss.png
     python3 plot.py --log checkpoints/log.csv --out loss.png
@@ -14,35 +15,67 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from errors import DataError, run_main  # noqa: E402
+from errors import DataError, check_output_dir, run_main  # noqa: E402
+
+LOSSES = {"train_loss": "train loss", "val_loss": "validation loss"}
+METRICS = {"v_rand": "V_rand", "v_info": "V_info", "pixel_error": "pixel error"}
+
+
+def number(text):
+    # Blank cells (a metric not computed that epoch) are gaps in the curve, not errors.
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def read_log(path):
+    """The log's epoch, loss and metric columns as lists of floats (NaN where a cell is blank)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such log (train first with TrainUnetDataSet.py)")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or "epoch" not in rows[0] or "train_loss" not in rows[0]:
         raise DataError(f"{path}: not a training log (expected epoch and train_loss columns with rows)")
-    columns = {k: [float(r[k]) for r in rows] for k in rows[0] if k in ("epoch", "train_loss", "val_loss")}
+    columns = {k: [number(r[k]) for r in rows] for k in ("epoch", *LOSSES, *METRICS) if k in rows[0]}
+    if any(math.isnan(e) for e in columns["epoch"]):
+        raise DataError(f"{path}: an epoch cell is not a number")
     return columns
 
 
-def plot_losses(columns, out):
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot(columns["epoch"], columns["train_loss"], marker=".", label="train loss")
-    val = columns.get("val_loss", [])
-    if val and not all(math.isnan(v) for v in val):
-        ax.plot(columns["epoch"], val, marker=".", label="validation loss")
+def has_values(columns, key):
+    return any(not math.isnan(v) for v in columns.get(key, []))
+
+
+def draw(ax, columns, names):
+    for key, label in names.items():
+        if has_values(columns, key):
+            ax.plot(columns["epoch"], columns[key], marker=".", label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("binary cross-entropy")
-    ax.set_title("U-Net on ISBI 2012")
     ax.grid(alpha=0.3)
     ax.legend()
+
+
+def plot_losses(columns, out):
+    """Writes the figure to `out`; returns each panel's curve labels."""
+    metrics = any(has_values(columns, k) for k in METRICS)
+    fig, axes = plt.subplots(1, 2 if metrics else 1, figsize=(11 if metrics else 6, 4), dpi=120, squeeze=False)
+    draw(axes[0, 0], columns, LOSSES)
+    axes[0, 0].set_ylabel("loss")  # whichever --loss the run trained with
+    axes[0, 0].set_title("U-Net on ISBI 2012: loss")
+    if metrics:
+        draw(axes[0, 1], columns, METRICS)
+        axes[0, 1].set_ylim(0, 1)
+        axes[0, 1].set_title("validation: V_rand, V_info higher, pixel error lower is better", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        fig.savefig(out)
+    except OSError as e:
+        raise DataError(f"{out}: cannot write the plot ({e.strerror})") from None
+    finally:
+        plt.close(fig)
+    return [[line.get_label() for line in ax.get_lines()] for ax in axes[0]]
 
 
 def main(argv=None):
@@ -51,6 +84,7 @@ def main(argv=None):
     p.add_argument("--out", help="PNG to write (default: loss.png beside the log)")
     args = p.parse_args(argv)
     out = args.out or os.path.join(os.path.dirname(args.log) or ".", "loss.png")
+    check_output_dir(os.path.dirname(out) or ".", "--out")
     plot_losses(read_log(args.log), out)
     print(out)
 

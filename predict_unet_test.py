@@ -10,8 +10,11 @@ For every input NAME.png it writes save_res_path/NAME.png, the binary mask in th
 all slices share one size, also save_res_path/submission.tif, the ISBI 2012 submission stack (32-bit
 float cell probabilities, 0 = membrane). With --label_path it prints V_rand, V_info and pixel error
 per slice and for the stack (metrics.py). The model is rebuilt from the checkpoint alone.
+save_res_path/run.json records the checkpoint, the settings and the versions, device and code commit
+that produced the masks.
 """
 import argparse
+import json
 import multiprocessing
 import os
 import time
@@ -22,9 +25,10 @@ import oneflow as flow
 
 from checkpoint import load_model
 from dataloader import list_images, preprocess, read_gray
-from errors import DataError, run_main
+from errors import DataError, check_output_dir, make_output_dir, run_main
 from graphs import InferenceGraphs
 from metrics import print_scores
+from run_record import run_record
 from tiling import check_tiling, predict_tiled, write_isbi_tiff
 
 
@@ -104,10 +108,18 @@ def write_png(path, array):
         raise DataError(f"{path}: could not be written")
 
 
+def write_run_record(args, state, device):
+    record = {"args": vars(args), "checkpoint_epoch": state.get("epoch"), "model_config": state["model_config"],
+              **run_record(device)}
+    with open(os.path.join(args.save_res_path, "run.json"), "w") as f:
+        json.dump(record, f, indent=2)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not 0.0 < args.threshold < 1.0:
         raise DataError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
+    check_output_dir(args.save_res_path, "--save_res_path")
     cuda = flow.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
     device = flow.device("cuda" if cuda else "cpu")
     names = list_images(args.Test_Data_path)
@@ -123,10 +135,7 @@ def main(argv=None):
         raise DataError(f"--workers must be at least 1, got {args.workers}")
     _, state = load_model(args.checkpoint, device)  # checked here, so a bad checkpoint fails before any output
     prob_dir = os.path.join(args.save_res_path, "prob")
-    try:
-        os.makedirs(prob_dir, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"{args.save_res_path}: cannot create output folder ({e.strerror})") from None
+    make_output_dir(prob_dir, "--save_res_path")
 
     t0 = time.time()
     probs = []
@@ -138,6 +147,7 @@ def main(argv=None):
     seconds = time.time() - t0
     if len({p.shape for p in probs}) == 1:
         write_isbi_tiff(os.path.join(args.save_res_path, "submission.tif"), probs)
+    write_run_record(args, state, device)
     print(f"{len(names)} masks in {args.save_res_path}/, probabilities in {prob_dir}/ "
           f"(UNet{state['model_config']}, epoch {state.get('epoch')}, {seconds:.1f}s on {device} x {args.workers} process(es)"
           f"{', tiles ' + str(args.tile) if args.tile else ''}{', TTA' if args.tta else ''}{', graph' if args.graph else ''})")

@@ -28,14 +28,39 @@ def test_unpaired_files(data, tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_label_without_image(data, tmp_path):
+    os.remove(f"{data}/train/image/2.png")
+    assert_fails(train(f"{data}/train", tmp_path / "ckpt"), f"{data}/train/label", "without an image", "2.png")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_resume_from_a_missing_checkpoint(data, tmp_path):
+    assert_fails(train(f"{data}/train", tmp_path / "ckpt", "--resume", tmp_path / "nothing"), tmp_path / "nothing", "no such checkpoint")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_predict_empty_test_folder(tmp_path):
+    os.makedirs(tmp_path / "empty")
+    proc = run("predict_unet_test.py", "--Test_Data_path", tmp_path / "empty", "--save_res_path", tmp_path / "res", check=False)
+    assert_fails(proc, tmp_path / "empty", "no images")
+    assert not (tmp_path / "res").exists()
+
+
 def test_mis_sized_label(data, tmp_path):
     cv2.imwrite(f"{data}/train/label/2.png", np.zeros((40, 48), np.uint8))
     assert_fails(train(f"{data}/train", tmp_path / "ckpt"), f"{data}/train/label/2.png", "differs")
 
 
-@pytest.mark.parametrize("flag,value", [("--epochs", 0), ("--batch_size", -1), ("--crop_size", 8)])
+@pytest.mark.parametrize("flag,value", [("--epochs", 0), ("--batch_size", -1), ("--crop_size", 8), ("--lr", 0),
+                                        ("--width", 0), ("--val_slices", -1), ("--seed", -1)])
 def test_nonsense_flags(data, tmp_path, flag, value):
     assert_fails(train(f"{data}/train", tmp_path / "ckpt", flag, value), flag)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_predict_nonsense_threshold(data, tmp_path):
+    proc = run("predict_unet_test.py", "--threshold", 1.5, "--Test_Data_path", f"{data}/test", "--save_res_path", tmp_path / "res", check=False)
+    assert_fails(proc, "--threshold")
 
 
 def test_crop_larger_than_image(data, tmp_path):
@@ -61,11 +86,118 @@ def test_predict_missing_test_folder(tmp_path):
     assert_fails(proc, tmp_path / "none", "no such folder")
 
 
-def test_resume_with_another_width_is_refused(data, tmp_path):
-    ckpt = tmp_path / "ckpt"
+def snapshot(folder):
+    """Every file under folder with its bytes, to show that a refused run changed nothing."""
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def trained(data, tmp_path):
+    """A checkpoint folder from one real epoch of TINY training."""
+    ckpt = tmp_path / "trained"
     run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, *TINY)
-    proc = train(f"{data}/train", ckpt, "--resume", ckpt / "last", "--width", 8)
-    assert_fails(proc, ckpt / "last", "'width': 4", "'width': 8")
+    return ckpt
+
+
+@pytest.mark.parametrize("flags,fragments", [(["--width", 8], ["'width': 4", "'width': 8"]),
+                                             (["--bilinear"], ["'bilinear': False", "'bilinear': True"])])
+def test_resume_with_another_model_is_refused_and_changes_nothing(data, trained, flags, fragments):
+    before = snapshot(trained)
+    proc = train(f"{data}/train", trained, "--epochs", 2, "--resume", trained / "last", *flags)
+    assert_fails(proc, trained / "last", *fragments)
+    assert snapshot(trained) == before
+
+
+def truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def test_resume_from_truncated_checkpoint_is_refused_and_changes_nothing(data, trained):
+    truncate(trained / "last" / "pickled_data", 100)
+    before = snapshot(trained)
+    proc = train(f"{data}/train", trained, "--epochs", 2, "--resume", trained / "last")
+    assert_fails(proc, trained / "last", "unreadable checkpoint", "truncated")
+    assert snapshot(trained) == before
+
+
+@pytest.mark.parametrize("damage", ["pickled_data", "tensor"])
+def test_predict_with_corrupt_checkpoint_writes_nothing(data, trained, tmp_path, damage):
+    if damage == "pickled_data":
+        truncate(trained / "best" / "pickled_data", 100)
+    else:
+        for out in (trained / "best").glob("tensor_*/out"):
+            truncate(out, 10)
+    proc = run("predict_unet_test.py", "--checkpoint", trained / "best", "--Test_Data_path", f"{data}/test",
+               "--save_res_path", tmp_path / "res", check=False)
+    assert_fails(proc, trained / "best", "unreadable checkpoint")
+    assert not (tmp_path / "res").exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_file"])
+def test_unwritable_checkpoint_dir(data, tmp_path, where):
+    blocker = tmp_path / "somefile"
+    blocker.write_text("not a folder")
+    ckpt = blocker / "out" if where == "under_a_file" else blocker
+    assert_fails(train(f"{data}/train", ckpt), ckpt, "--checkpoint_dir", "is a file")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_unwritable_result_folder_changes_nothing(data, trained, tmp_path):
+    blocker = tmp_path / "somefile"
+    blocker.write_text("not a folder")
+    proc = run("predict_unet_test.py", "--checkpoint", trained / "best", "--Test_Data_path", f"{data}/test",
+               "--save_res_path", blocker / "res", check=False)
+    assert_fails(proc, blocker / "res", "--save_res_path", "is a file")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_predict_image_too_small(data, trained, tmp_path):
+    cv2.imwrite(f"{data}/test/1.png", np.zeros((12, 48), np.uint8))
+    proc = run("predict_unet_test.py", "--checkpoint", trained / "best", "--Test_Data_path", f"{data}/test",
+               "--save_res_path", tmp_path / "res", check=False)
+    assert_fails(proc, f"{data}/test/1.png", "smaller than 16 pixels")
+    assert not (tmp_path / "res").exists()
+
+
+def test_non_binary_label_stops_training(data, tmp_path):
+    label = cv2.imread(f"{data}/train/label/4.png", cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(f"{data}/train/label/4.png", cv2.GaussianBlur(label, (9, 9), 3))  # soft edges, no longer 0/255
+    assert_fails(train(f"{data}/train", tmp_path / "ckpt"), f"{data}/train/label/4.png", "not a binary label")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_corrupt_png_stops_training(data, tmp_path):
+    with open(f"{data}/train/image/1.png", "r+b") as f:
+        f.truncate(60)  # the header survives, the pixels do not
+    assert_fails(train(f"{data}/train", tmp_path / "ckpt"), f"{data}/train/image/1.png", "not a readable image")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def warnings_of(proc):
+    return [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+
+
+def test_colour_and_16_bit_inputs_are_converted_with_one_warning_each(data, tmp_path):
+    image = cv2.imread(f"{data}/train/image/0.png", cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(f"{data}/train/image/0.png", cv2.cvtColor(image, cv2.COLOR_GRAY2BGR))
+    cv2.imwrite(f"{data}/train/image/1.png", cv2.imread(f"{data}/train/image/1.png", cv2.IMREAD_GRAYSCALE).astype(np.uint16) * 257)
+    label = cv2.imread(f"{data}/train/label/5.png", cv2.IMREAD_GRAYSCALE)  # 5.png is a validation slice
+    cv2.imwrite(f"{data}/train/label/5.png", cv2.cvtColor(label, cv2.COLOR_GRAY2BGRA))
+    proc = train(f"{data}/train", tmp_path / "ckpt")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(warnings_of(proc)) == [
+        f"warning: {data}/train/image/0.png: RGB image converted to grayscale",
+        f"warning: {data}/train/image/1.png: 16-bit image scaled to 8-bit",
+        f"warning: {data}/train/label/5.png: RGBA image converted to grayscale",
+    ]
+
+    test_image = cv2.imread(f"{data}/test/2.png", cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(f"{data}/test/2.png", cv2.cvtColor(test_image, cv2.COLOR_GRAY2BGR).astype(np.uint16) * 257)
+    proc = run("predict_unet_test.py", "--checkpoint", tmp_path / "ckpt" / "best", "--Test_Data_path", f"{data}/test",
+               "--save_res_path", tmp_path / "res")
+    assert warnings_of(proc) == [f"warning: {data}/test/2.png: 16-bit RGB image converted to 8-bit grayscale"]
+    assert (tmp_path / "res" / "prob" / "2.png").is_file()
 
 
 def test_plot_missing_log(tmp_path):

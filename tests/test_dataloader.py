@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import write_dataset
-from dataloader import DataError, SelfDataSet, binarize_label, dihedral, find_pairs, preprocess
+from dataloader import (DataError, SelfDataSet, binarize_label, check_binary_label, dihedral, find_pairs, preprocess,
+                        read_gray)
 
 
 def test_pairs_by_name_in_natural_order(tmp_path):
@@ -56,7 +57,8 @@ def test_augmented_label_stays_aligned_with_image(tmp_path):
         cv2.imwrite(os.path.join(root, "label", f"{i}.png"), np.where(image > 127, 255, 0).astype(np.uint8))
     ds = SelfDataSet(os.path.join(root, "image"), os.path.join(root, "label"), augment=True, crop_size=24, seed=3)
     seen = set()
-    for _ in range(20):
+    for epoch in range(20):
+        ds.set_epoch(epoch)
         for i in range(len(ds)):
             image, label = ds[i]
             assert image.shape == label.shape == (1, 24, 24)
@@ -94,3 +96,56 @@ def test_paper_augmentation_returns_weights_and_keeps_labels_binary(data):
             assert weight[label == 0].max() > weight[label == 1].max()
     plain = SelfDataSet(f"{data}/train/image", f"{data}/train/label", augment=True, seed=1)
     assert len(plain[0]) == 2
+def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
+    # What makes resume exact with no dataset state saved: the draw for (seed, epoch, index) does not
+    # depend on what was drawn before, in this process or another.
+    root = write_dataset(str(tmp_path), n_train=4)
+    make = lambda seed: SelfDataSet(os.path.join(root, "train/image"), os.path.join(root, "train/label"),
+                                    augment=True, crop_size=16, seed=seed)
+    a, b = make(7), make(7)
+    a.set_epoch(3), b.set_epoch(3)
+    for i in (2, 0, 3, 1):  # b in another order, and after unrelated draws
+        b[i], b.set_epoch(1), b[i], b.set_epoch(3)
+    for i in range(4):
+        np.testing.assert_array_equal(a[i][0], b[i][0])
+    a.set_epoch(4)
+    assert any(not np.array_equal(a[i][0], b[i][0]) for i in range(4))
+    c = make(8)
+    c.set_epoch(3)
+    assert any(not np.array_equal(c[i][0], b[i][0]) for i in range(4))
+
+
+def test_binary_label_check_tolerates_one_percent_grey():
+    label = np.full((100, 100), 255, np.uint8)
+    label[:50] = 0
+    label[50, :100] = 128  # 1% grey, as a JPEG-compressed copy has at edges
+    check_binary_label(label, "x.png")
+    label[51, :1] = 128
+    with pytest.raises(DataError, match=r"x\.png: not a binary label"):
+        check_binary_label(label, "x.png")
+    label[:] = 10  # near-black noise counts as membrane
+    check_binary_label(label, "x.png")
+
+
+def test_non_binary_label_is_an_error(tmp_path):
+    root = write_dataset(str(tmp_path), n_train=2)
+    cv2.imwrite(os.path.join(root, "train/label/1.png"), np.full((48, 48), 128, np.uint8))
+    with pytest.raises(DataError, match=r"train/label/1\.png: not a binary label \(100% of pixels"):
+        SelfDataSet(os.path.join(root, "train/image"), os.path.join(root, "train/label"))
+
+
+@pytest.mark.parametrize("convert,warning", [
+    (lambda g: cv2.cvtColor(g, cv2.COLOR_GRAY2BGR), "RGB image converted to grayscale"),
+    (lambda g: cv2.cvtColor(g, cv2.COLOR_GRAY2BGRA), "RGBA image converted to grayscale"),
+    (lambda g: g.astype(np.uint16) * 257, "16-bit image scaled to 8-bit"),
+    (lambda g: cv2.cvtColor(g, cv2.COLOR_GRAY2BGR).astype(np.uint16) * 257, "16-bit RGB image converted to 8-bit grayscale"),
+])
+def test_colour_and_16_bit_files_read_as_the_8_bit_grey_original(tmp_path, capsys, convert, warning):
+    grey = np.random.default_rng(0).integers(0, 256, (20, 30)).astype(np.uint8)
+    path = str(tmp_path / "x.png")
+    cv2.imwrite(path, convert(grey))
+    np.testing.assert_array_equal(read_gray(path), grey)
+    assert capsys.readouterr().err == f"warning: {path}: {warning}\n"
+    cv2.imwrite(path, grey)
+    read_gray(path)
+    assert capsys.readouterr().err == ""

@@ -54,3 +54,14 @@ def test_non_binary_labels_are_rejected(tmp_path):
     proc = run("get_data.py", "--data_dir", tmp_path / "data", "--source", source, check=False)
     assert_fails(proc, f"{source}/train/label/1.png: not a binary label")
     assert os.listdir(tmp_path / "data") == []
+
+
+def test_conversion_warnings_name_the_source_not_the_staging_copy(tmp_path):
+    import cv2
+
+    source = write_dataset(str(tmp_path / "src"), n_train=2, n_test=1)
+    image = cv2.imread(os.path.join(source, "train/image/0.png"), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(os.path.join(source, "train/image/0.png"), cv2.cvtColor(image, cv2.COLOR_GRAY2BGR))
+    proc = run("get_data.py", "--data_dir", tmp_path / "data", "--source", source)
+    assert proc.stderr.splitlines()[-1] == f"warning: {source}/train/image/0.png: RGB image converted to grayscale"
+    assert ".incoming" not in proc.stderr

@@ -1,0 +1,76 @@
+"""What produced a result: versions, device, code commit, host, command line and time, as one dict.
+
+Training merges it into checkpoint_dir/config.json and prediction writes it to save_res_path/run.json,
+so a checkpoint or a mask can be traced to the code and machine that made it.
+"""
+import datetime
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def git_state(repo=REPO):
+    """(commit, dirty) of the checkout holding the code; ("unknown", None) outside git or without git.
+
+    dirty: tracked files differ from the commit (untracked data and checkpoints do not count).
+    """
+    def git(*args):
+        return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return "unknown", None
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown", None
+    return head.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
+
+
+def cuda_record():
+    import oneflow as flow
+
+    build = flow._oneflow_internal.flags.cuda_version() if flow._oneflow_internal.flags.with_cuda() else 0
+    record = {"oneflow_cuda_build": f"{build // 1000}.{build % 1000 // 10}" if build else "none (CPU-only build)"}
+    if flow.cuda.is_available():
+        record["gpus"] = [flow.cuda.get_device_name(i) for i in range(flow.cuda.device_count())]
+    else:
+        record["gpus"] = []
+    return record
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} logical cores"
+
+
+def run_record(device=None, repo=REPO):
+    import cv2
+    import numpy
+    import oneflow as flow
+
+    commit, dirty = git_state(repo)
+    return {
+        "python": platform.python_version(),
+        "oneflow": flow.__version__,
+        "oneflow_git": getattr(flow, "__git_commit__", "unknown"),
+        "numpy": numpy.__version__,
+        "opencv": cv2.__version__,
+        **({"device": str(device)} if device is not None else {}),
+        **cuda_record(),
+        "cpu": cpu_name(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "hostname": socket.gethostname(),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "cwd": os.getcwd(),
+        "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }

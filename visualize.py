@@ -1,0 +1,159 @@
+"""Pictures of a prediction: the membrane map over the EM slice, and a side-by-side figure.
+
+    python3 visualize.py --res_path results                    # after predict_unet_test.py (test.sh runs both)
+    python3 visualize.py --res_path results --image_path data/test --n 5
+    python3 visualize.py --res_path results_val --image_path VAL_IMAGES --label_path data/train/label
+
+Reads res_path/NAME.png (mask, 255 = cell) and res_path/prob/NAME.png (cell probability x 255), as
+predict_unet_test.py writes them, for the first --n images of --image_path (default: the folder named in
+res_path/run.json). Writes res_path/overlay/NAME.png, the slice with predicted membrane in magenta, and
+res_path/figure.png, one row per slice: image | probability | mask | overlay, or with --label_path
+image | label | prediction (with its pixel error) | overlay.
+
+The pictures in docs/ come from one command, given a training run's checkpoint folder:
+
+    bash docs/make_docs.sh checkpoints
+"""
+import argparse
+import io
+import json
+import os
+
+import cv2
+import matplotlib
+import numpy as np
+from PIL import Image
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dataloader import check_binary_label, list_images, read_gray  # noqa: E402
+from errors import DataError, check_output_dir, make_output_dir, run_main  # noqa: E402
+from metrics import pixel_error  # noqa: E402
+
+MEMBRANE_BGR = (255, 0, 255)  # magenta: stands out on grey, and for red-green colour blindness
+ALPHA = 0.45
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--res_path", "--res-path", default="results", help="predict_unet_test.py's output folder (NAME.png, prob/NAME.png)")
+    p.add_argument("--image_path", "--image-path", help="the EM slices that were segmented (default: Test_Data_path in res_path/run.json)")
+    p.add_argument("--label_path", "--label-path", help="labels of those slices (255 = cell), to show and score against")
+    p.add_argument("--n", type=int, default=3, help="how many slices, first in natural order")
+    p.add_argument("--overlay_dir", "--overlay-dir", help="where overlays go (default: res_path/overlay)")
+    p.add_argument("--figure", help="side-by-side figure PNG (default: res_path/figure.png)")
+    p.add_argument("--max_side", "--max-side", type=int, default=0, help="shrink overlays to at most this many pixels a side (0: full size)")
+    p.add_argument("--dpi", type=int, default=100, help="figure resolution: 100 gives 1200 pixels across")
+    p.add_argument("--palette", action="store_true", help="save the figure with 256 colours: less than half the bytes (docs/)")
+    return p.parse_args(argv)
+
+
+def image_path_from_run(res_path):
+    path = os.path.join(res_path, "run.json")
+    try:
+        with open(path) as f:
+            return json.load(f)["args"]["Test_Data_path"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: cannot tell which images were segmented ({type(e).__name__}); pass --image_path") from None
+
+
+def read_same_size(path, shape):
+    array = read_gray(path)
+    if array.shape != shape:
+        raise DataError(f"{path}: size {array.shape[1]}x{array.shape[0]} differs from its image's {shape[1]}x{shape[0]}")
+    return array
+
+
+def load_slice(args, name):
+    """(image, probability, mask, label or None) as uint8 arrays for image file `name`."""
+    image = read_gray(os.path.join(args.image_path, name))
+    out_name = os.path.splitext(name)[0] + ".png"
+    prob = read_same_size(os.path.join(args.res_path, "prob", out_name), image.shape)
+    mask = read_same_size(os.path.join(args.res_path, out_name), image.shape)
+    label = None
+    if args.label_path:
+        label_path = os.path.join(args.label_path, out_name)
+        label = read_same_size(label_path, image.shape)
+        check_binary_label(label, label_path)
+    return image, prob, mask, label
+
+
+def overlay(image, mask):
+    """The grey slice in colour, predicted membrane (mask 0) blended with MEMBRANE_BGR."""
+    out = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR).astype(np.float32)
+    membrane = mask <= 127
+    out[membrane] = (1 - ALPHA) * out[membrane] + ALPHA * np.array(MEMBRANE_BGR, np.float32)
+    return np.round(out).astype(np.uint8)
+
+
+def shrink(array, max_side):
+    scale = max_side / max(array.shape[:2]) if max_side else 1.0
+    if scale >= 1.0:
+        return array
+    size = (max(1, round(array.shape[1] * scale)), max(1, round(array.shape[0] * scale)))
+    return cv2.resize(array, size, interpolation=cv2.INTER_AREA)
+
+
+def write_png(path, array):
+    if not cv2.imwrite(path, array):
+        raise DataError(f"{path}: could not be written")
+
+
+def draw_figure(rows, labelled, out, dpi=100, palette=False):
+    """rows: (name, image, prob, mask, label, overlay) per slice; one figure row each."""
+    titles = ["image", "label", "prediction", "overlay"] if labelled else ["image", "probability", "mask", "overlay"]
+    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3.1 * len(rows)), dpi=dpi, squeeze=False)
+    for ax_row, (name, image, prob, mask, label, over) in zip(axes, rows):
+        panels = [image, label, mask, over] if labelled else [image, prob, mask, over]
+        for ax, title, panel in zip(ax_row, titles, panels):
+            if title == "prediction":
+                title = f"prediction (pixel error {pixel_error(mask / 255.0, label):.3f})"
+            if panel.ndim == 3:
+                ax.imshow(cv2.cvtColor(panel, cv2.COLOR_BGR2RGB))
+            else:
+                ax.imshow(panel, cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{name}: {title}" if title == titles[0] else title, fontsize=10)
+            ax.axis("off")
+    fig.tight_layout()
+    try:
+        if palette:  # grey panels and one tint fit 256 colours; a noisy EM slice does not compress otherwise
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png")
+            Image.open(buffer).convert("RGB").quantize(256).save(out, format="png", optimize=True)
+        else:
+            fig.savefig(out)
+    except OSError as e:
+        raise DataError(f"{out}: cannot write the figure ({e.strerror})") from None
+    finally:
+        plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.n <= 0:
+        raise DataError(f"--n must be positive, got {args.n}")
+    if args.max_side < 0:
+        raise DataError(f"--max_side must be 0 or more, got {args.max_side}")
+    if args.dpi <= 0:
+        raise DataError(f"--dpi must be positive, got {args.dpi}")
+    overlay_dir = args.overlay_dir or os.path.join(args.res_path, "overlay")
+    figure = args.figure or os.path.join(args.res_path, "figure.png")
+    check_output_dir(overlay_dir, "--overlay_dir")
+    check_output_dir(os.path.dirname(os.path.abspath(figure)), "--figure")
+    args.image_path = args.image_path or image_path_from_run(args.res_path)
+    names = list_images(args.image_path)[:args.n]
+    slices = [(name, *load_slice(args, name)) for name in names]  # everything checked before writing
+
+    make_output_dir(overlay_dir, "--overlay_dir")
+    rows = []
+    for name, image, prob, mask, label in slices:
+        over = overlay(image, mask)
+        write_png(os.path.join(overlay_dir, os.path.splitext(name)[0] + ".png"), shrink(over, args.max_side))
+        rows.append((name, image, prob, mask, label, over))
+    draw_figure(rows, args.label_path is not None, figure, args.dpi, args.palette)
+    print(f"{len(rows)} overlays in {overlay_dir}/, figure {figure}")
+
+
+if __name__ == "__main__":
+    run_main(main)
