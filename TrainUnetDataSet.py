@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, help="U-Net channels at the first level, 64 in the paper (recipe default)")
     p.add_argument("--crop_size", "--crop-size", type=int, help="train on random square crops of this side; 0 = whole slices (recipe default)")
     p.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convolutions")
-    p.add_argument("--loss", choices=LOSSES, default="bce", help="bce, or bce_dice (BCE + soft Dice on membranes)")
+    p.add_argument("--loss", choices=LOSSES, default="bce_dice", help="bce (the article's), or bce_dice (BCE + soft Dice on membranes)")
     p.add_argument("--elastic_sigma", "--elastic-sigma", type=float, default=10.0, help="std (px) of the elastic deformation's 3x3 grid displacements, 10 in the paper; 0 = off")
     p.add_argument("--border_weight", "--border-weight", type=float, default=0.0, help="w0 of the paper's border weight map (paper: 10, sigma 5 px); 0 = unweighted loss")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="learning rate over the run: cosine decay to 0 per step, or constant")

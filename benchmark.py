@@ -67,7 +67,7 @@ def oneflow_worker(mode, setting, steps, warmup, device_name):
     rank, world = flow.env.get_rank(), flow.env.get_world_size()
     device = flow.device(f"cuda:{flow.env.get_local_rank()}" if device_name == "cuda" else "cpu")
     s = SETTINGS[setting]
-    batch = s["batch"] // world if mode == "ddp2" else s["batch"]
+    batch = max(1, s["batch"] // world)  # ddp2 splits the batch; a batch of 1 becomes 1 per process
     flow.manual_seed(0)
     model = UNet(1, 1, width=s["width"]).to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -98,7 +98,7 @@ def oneflow_worker(mode, setting, steps, warmup, device_name):
             infer = timed(lambda: run(x1), steps, warmup, sync)
     if rank == 0:
         print(json.dumps(dict(framework="oneflow", version=flow.__version__, mode=mode, setting=setting, params=params,
-                              train_s=train, images=s["batch"], infer_s=infer, peak_mb=peak_memory_mb())), flush=True)
+                              train_s=train, images=batch * world, infer_s=infer, peak_mb=peak_memory_mb())), flush=True)
 
 
 def torch_unet(width):
@@ -168,19 +168,21 @@ def run_worker(python, spec, args, launcher=False):
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        print(f"{spec}: failed ({tail})", file=sys.stderr)
+        if proc.returncode == -9:
+            tail = "killed by SIGKILL, e.g. the kernel's out-of-memory killer"
+        print(f"{spec}: failed ({tail})", file=sys.stderr, flush=True)
         return None
     return json.loads(lines[-1])
 
 
 def print_table(results):
-    header = f"{'setting':<8} {'framework':<16} {'mode':<16} {'params':>10} {'train ms/step':>14} {'train img/s':>12} {'infer img/s':>12} {'peak MB':>8} {'vs PyTorch':>11}"
+    header = f"{'setting':<8} {'framework':<19} {'mode':<16} {'params':>10} {'train ms/step':>14} {'train img/s':>12} {'infer img/s':>12} {'peak MB':>8} {'vs PyTorch':>11}"
     print(header)
     torch_ms = {r["setting"]: r["train_s"] for r in results if r["framework"] == "pytorch"}
     for r in results:
         ratio = f"{r['train_s'] / torch_ms[r['setting']]:.2f}x" if r["setting"] in torch_ms else "-"
         infer = f"{1 / r['infer_s']:.2f}" if r["infer_s"] else "-"
-        print(f"{r['setting']:<8} {r['framework'] + ' ' + r['version']:<16} {r['mode']:<16} {r['params']:>10,} "
+        print(f"{r['setting']:<8} {r['framework'] + ' ' + r['version']:<19} {r['mode']:<16} {r['params']:>10,} "
               f"{r['train_s'] * 1000:>14.0f} {r['images'] / r['train_s']:>12.2f} {infer:>12} {r['peak_mb']:>8.0f} {ratio:>11}")
 
 
