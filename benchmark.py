@@ -52,6 +52,17 @@ def timed(step, steps, warmup, sync):
     return statistics.median(times)
 
 
+def eager_train_step(model, criterion, optimizer, x, y):
+    """One step on fixed data; the same code drives OneFlow and PyTorch (their APIs agree here)."""
+    def step():
+        loss = criterion(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+    return step
+
+
 def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -82,12 +93,7 @@ def oneflow_worker(mode, setting, steps, warmup, device_name):
         graph = TrainGraph(model, criterion, optimizer, amp=mode == "graph_amp")
         train_step = lambda: graph(x, y)
     else:
-        def train_step():
-            loss = criterion(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            return loss
+        train_step = eager_train_step(model, criterion, optimizer, x, y)
     train = timed(train_step, steps, warmup, sync)
     infer = None
     if mode != "ddp2":  # inference is one process's business
@@ -144,14 +150,7 @@ def torch_worker(setting, steps, warmup, device_name):
     x = torch.rand(s["batch"], 1, s["size"], s["size"], device=device)
     y = (torch.rand(s["batch"], 1, s["size"], s["size"], device=device) > 0.5).float()
     sync = (lambda t: torch.cuda.synchronize()) if device.type == "cuda" else (lambda t: None)
-
-    def train_step():
-        loss = criterion(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return loss
-    train = timed(train_step, steps, warmup, sync)
+    train = timed(eager_train_step(model, criterion, optimizer, x, y), steps, warmup, sync)
     model.eval()
     x1 = torch.rand(1, 1, s["size"], s["size"], device=device)
     with torch.no_grad():
