@@ -269,7 +269,8 @@ def resume_from(args, model, optimizer, scheduler, steps_per_epoch, master_proce
         for group in optimizer.param_groups:
             group["lr"] = args.lr  # this run's --lr, not the stored one
     elif args.graph != bool(state.get("graph")) and master_process:
-        print(f"note: {args.resume} holds {'eager' if args.graph else 'graph'} optimizer state; Adam's moments restart")
+        restart = "Adam's moments and the lr schedule restart" if args.graph else "Adam's moments restart"
+        print(f"note: {args.resume} holds {'eager' if args.graph else 'graph'} optimizer state; {restart}")
     if scheduler is not None and not args.graph:
         # Rebuilt for this run's --epochs rather than loaded, then moved to where the checkpoint stopped.
         scheduler.last_step = state["epoch"] * steps_per_epoch - 1
