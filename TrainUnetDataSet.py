@@ -43,20 +43,21 @@ from unet import UNet  # noqa: E402
 # (width-64 U-Net on whole 512x512 slices); "cpu" is sized to finish in under 30 minutes on 2 cores.
 # A recipe's batch_size is the total over all processes; each process takes its share.
 RECIPES = {
-    "full": dict(width=64, crop_size=0, batch_size=2, epochs=60, lr=3e-4),
-    "cpu": dict(width=16, crop_size=256, batch_size=4, epochs=24, lr=1e-3),
+    "full": dict(width=64, crop_size=0, samples_per_slice=1, batch_size=2, epochs=60, lr=3e-4),
+    "cpu": dict(width=16, crop_size=256, samples_per_slice=4, batch_size=4, epochs=13, lr=1e-3),
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", "--data-path", default="data/train", help="folder with image/ and label/ (same file names)")
-    p.add_argument("--recipe", choices=["auto", *RECIPES], default="auto", help="defaults for the five flags below; auto: full on CUDA, cpu otherwise")
+    p.add_argument("--recipe", choices=["auto", *RECIPES], default="auto", help="defaults for the six flags below; auto: full on CUDA, cpu otherwise")
     p.add_argument("--epochs", type=int, help="passes over the training slices (recipe default)")
     p.add_argument("--batch_size", "--batch-size", type=int, help="images per step on each process (recipe default: the recipe's total batch split over the processes)")
     p.add_argument("--lr", type=float, help="Adam learning rate (recipe default)")
     p.add_argument("--width", type=int, help="U-Net channels at the first level, 64 in the paper (recipe default)")
     p.add_argument("--crop_size", "--crop-size", type=int, help="train on random square crops of this side; 0 = whole slices (recipe default)")
+    p.add_argument("--samples_per_slice", "--samples-per-slice", type=int, help="random crops (or augmented whole slices) drawn from each training slice per epoch (recipe default; the cpu recipe's 4 crops of 256 cover a 512x512 slice's area once)")
     p.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convolutions")
     p.add_argument("--loss", choices=LOSSES, default="bce_dice", help="bce (the article's), or bce_dice (BCE + soft Dice on membranes)")
     p.add_argument("--elastic_sigma", "--elastic-sigma", type=float, default=10.0, help="std (px) of the elastic deformation's 3x3 grid displacements, 10 in the paper; 0 = off")
@@ -64,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="learning rate over the run: cosine decay to 0 per step, or constant")
     p.add_argument("--graph", action="store_true", help="train and validate through nn.Graph (static graph) instead of eager mode")
     p.add_argument("--amp", action="store_true", help="mixed precision; CUDA with --graph only")
+    p.add_argument("--bn_slices", "--bn-slices", type=int, default=8, help="after each epoch, set BatchNorm statistics from this many whole training slices (precise BN) before validating and saving; 0 = keep training's running averages")
     p.add_argument("--val_slices", "--val-slices", type=int, default=5, help="hold out the last N slices (a contiguous block) for validation; 0 = none, then best = last")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda or cpu")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
@@ -83,7 +85,7 @@ def resolve_args(args, cuda, world_size=1):
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, max(1, value // world_size) if key == "batch_size" else value)
-    for key in ("epochs", "batch_size", "width"):
+    for key in ("epochs", "batch_size", "width", "samples_per_slice"):
         if getattr(args, key) <= 0:
             raise DataError(f"--{key} must be positive, got {getattr(args, key)}")
     if not args.lr > 0:
@@ -92,6 +94,8 @@ def resolve_args(args, cuda, world_size=1):
         raise DataError(f"--crop_size must be 0 or at least 16 (four poolings), got {args.crop_size}")
     if args.elastic_sigma < 0 or args.border_weight < 0:
         raise DataError("--elastic_sigma and --border_weight must be 0 or more")
+    if args.bn_slices < 0:
+        raise DataError(f"--bn_slices must be 0 or more, got {args.bn_slices}")
     if args.val_slices < 0:
         raise DataError(f"--val_slices must be 0 or more, got {args.val_slices}")
     if args.amp and not (cuda and args.graph):
@@ -127,14 +131,14 @@ def build_dataloaders(args, rank, world_size, device):
     image_dir, label_dir = os.path.join(args.data_path, "image"), os.path.join(args.data_path, "label")
     # Each rank draws its own crops and flips; the sampler already gives it different slices.
     train_set = SelfDataSet(image_dir, label_dir, train_names, augment=True, crop_size=args.crop_size, seed=args.seed + rank,
-                            elastic_sigma=args.elastic_sigma, border_weight=args.border_weight)
+                            elastic_sigma=args.elastic_sigma, border_weight=args.border_weight, samples_per_slice=args.samples_per_slice)
     val_set = SelfDataSet(image_dir, label_dir, val_names) if val_names else None
     sampler = flow.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     # A graph is compiled for one batch shape, so --graph drops each epoch's short last batch.
     loader = flow.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
                                         num_workers=args.num_workers, drop_last=args.graph, pin_memory=device.type == "cuda")
     if len(loader) == 0:
-        raise DataError(f"{args.data_path}: {len(train_set)} training slice(s) per process give no full batch of --batch_size {args.batch_size}")
+        raise DataError(f"{args.data_path}: {len(train_set)} training sample(s) per epoch over all processes give no full batch of --batch_size {args.batch_size}")
     return loader, sampler, val_set
 
 
@@ -159,6 +163,44 @@ def all_reduce_sum(values, device):
     if flow.env.get_world_size() > 1:
         flow.comm.all_reduce(t)
     return t.numpy().tolist()
+
+
+def recompute_bn_stats(model, images, count, batch_size, device, rank, world_size):
+    """Sets every BatchNorm's running mean and variance to its statistics over `count` whole training slices.
+
+    The running averages training leaves behind follow the last few batches of augmented crops; on one
+    checkpoint they scored held-out V_rand 0.29 where the same weights with whole-slice statistics scored
+    0.66 (this is "precise BN"). Slices are spread evenly over the training set and shared between ranks,
+    and every rank ends with the same statistics, so no rank's last batch decides what is saved.
+    """
+    bns = [m for m in model.modules() if isinstance(m, flow.nn.BatchNorm2d)]
+    picked = np.unique(np.linspace(0, len(images) - 1, min(count, len(images))).round().astype(int))
+    mine = picked[rank::world_size]
+    momenta = [b.momentum for b in bns]
+    for b in bns:
+        b.momentum = 1.0  # each forward replaces the running statistics with its own batch's
+    model.train()
+    weight, sums = 0.0, np.zeros(2 * sum(b.num_features for b in bns))
+    with flow.no_grad():
+        for start in range(0, len(mine), batch_size):
+            batch = np.stack([images[i] for i in mine[start:start + batch_size]])
+            model.forward(flow.tensor(batch, device=device))  # .forward: no DDP buffer broadcast
+            stats = []
+            for b in bns:
+                mean = b.running_mean.numpy().astype(np.float64)
+                stats += [mean, b.running_var.numpy() + mean ** 2]
+            sums += batch.size * np.concatenate(stats)
+            weight += batch.size
+    for b, momentum in zip(bns, momenta):
+        b.momentum = momentum
+    totals = all_reduce_sum([weight, *sums], device)
+    moments, offset = np.array(totals[1:]) / totals[0], 0
+    for b in bns:
+        c = b.num_features
+        mean, square = moments[offset:offset + c], moments[offset + c:offset + 2 * c]
+        offset += 2 * c
+        b.running_mean.copy_(flow.tensor(mean, dtype=flow.float32, device=device))
+        b.running_var.copy_(flow.tensor(np.maximum(square - mean ** 2, 0.0), dtype=flow.float32, device=device))
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -333,7 +375,8 @@ def main(argv=None):
         print(f"recipe {args.recipe} ({args.recipe_reason}): width {args.width}, crop {args.crop_size or 'none'}, "
               f"batch {args.batch_size} x {world_size} process(es), {args.epochs} epochs, lr {args.lr} {args.schedule}, "
               f"loss {args.loss}, {'graph' if args.graph else 'eager'} on {device}")
-        print(f"{len(loader.dataset)} training slices, {len(val_set) if val_set else 0} validation slices; "
+        print(f"{len(loader.dataset.images)} training slices x {args.samples_per_slice} sample(s) per epoch, "
+              f"{len(val_set) if val_set else 0} validation slices; "
               f"writing to {args.checkpoint_dir}/", flush=True)
 
     total_steps = args.epochs * len(loader)
@@ -350,6 +393,8 @@ def main(argv=None):
             raise DataError(f"epoch {epoch} {e}; stopped, {saved_note(last_saved)}") from None
         finally:
             progress.close()
+        if args.bn_slices:
+            recompute_bn_stats(model, loader.dataset.images, args.bn_slices, args.batch_size, device, rank, world_size)
         scores = evaluate(forward, model, val_set, criterion, device, rank, world_size) if val_set else {}
         if scores and not math.isfinite(scores["val_loss"]):
             raise DataError(f"epoch {epoch}: validation loss is {scores['val_loss']}; stopped, {saved_note(last_saved)}")

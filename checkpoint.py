@@ -15,7 +15,8 @@ import oneflow as flow
 from errors import DataError
 from unet import UNet
 
-FORMAT = "isbi-unet-oneflow/1"
+# /2: inputs are standardised per slice (dataloader.preprocess); /1 models saw raw [0, 1] intensities.
+FORMAT = "isbi-unet-oneflow/2"
 
 
 def sibling(path, suffix):
@@ -59,6 +60,8 @@ def load_checkpoint(path, device="cpu"):
     except Exception as e:  # OneFlow raises assorted types for truncated or foreign files
         detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         raise DataError(f"{path}: unreadable checkpoint, truncated or corrupt ({detail})") from None
+    if isinstance(state, dict) and state.get("format") == "isbi-unet-oneflow/1":
+        raise DataError(f"{path}: trained by an older version of this repo on unstandardised input; retrain it")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataError(f"{path}: not a checkpoint of this repo (no '{FORMAT}' marker)")
     return state

@@ -1,7 +1,7 @@
 """ISBI 2012 slices as a OneFlow dataset.
 
-`SelfDataSet` pairs `image_dir/NAME.png` with `label_dir/NAME.png`, scales images to [0, 1] with
-`preprocess` (prediction uses the same function), binarises labels (255 = cell -> 1, 0 = membrane -> 0)
+`SelfDataSet` pairs `image_dir/NAME.png` with `label_dir/NAME.png`, standardises each slice to zero mean
+and unit variance with `preprocess` (prediction uses the same function), binarises labels (255 = cell -> 1, 0 = membrane -> 0)
 and augments as the U-Net paper does (augment.py): elastic deformation, the 8 flips/rotations of the
 square, mild intensity jitter, and optional random crops; optionally it also returns the paper's
 border weight map for each sample.
@@ -69,9 +69,25 @@ def read_gray(path):
     return img
 
 
-def preprocess(img):
-    """uint8 HxW -> float32 1xHxW in [0, 1]; the one transform shared by training and prediction."""
+def to_unit(img):
+    """uint8 HxW -> float32 1xHxW in [0, 1]."""
     return (img.astype(np.float32) / 255.0)[None]
+
+
+def standardize(x):
+    """Zero mean, unit variance over the whole slice.
+
+    Slices differ in brightness and contrast (ISBI's: mean 0.45-0.56, std 0.16-0.20), and a model fed raw
+    intensities scored V_rand 0.66 on the held-out slices against 0.89 once each was matched to the
+    training slices' statistics. Whole-slice statistics, also for crops and tiles, so that a crop in
+    training and a tile in prediction see the same numbers as the whole slice would.
+    """
+    return ((x - x.mean()) / max(float(x.std()), 1e-6)).astype(np.float32)
+
+
+def preprocess(img):
+    """uint8 HxW -> float32 1xHxW standardised; the one transform shared by training and prediction."""
+    return standardize(to_unit(img))
 
 
 def binarize_label(label):
@@ -128,29 +144,32 @@ class SelfDataSet(flow.utils.data.Dataset):
     names:     which file names of `image_dir` to use (default: all pairs, in natural order).
     augment:   elastic deformation (if elastic_sigma > 0), random flip/rotation, intensity jitter.
     crop_size: random square crop of this side (None or 0: whole slice).
+    samples_per_slice: items drawn from each slice per epoch, each with its own crop and augmentation.
     border_weight: w0 of the paper's weight map; > 0 makes items (image, label, weight).
     seed:      with the epoch (`set_epoch`) and the index, fixes every random draw.
     """
 
     def __init__(self, image_dir, label_dir, names=None, augment=False, crop_size=None, seed=0,
-                 elastic_sigma=0.0, border_weight=0.0):
+                 elastic_sigma=0.0, border_weight=0.0, samples_per_slice=1):
         pairs = find_pairs(image_dir, label_dir)
         if names is not None:
             pairs = [p for p in pairs if p[0] in set(names)]
         self.names = [p[0] for p in pairs]
         self.augment, self.crop_size = augment, crop_size or None
-        self.images, self.labels = [], []
+        self.raw, self.images, self.labels = [], [], []  # raw: [0, 1], what augmentation starts from
         for image_name, label_name in pairs:
             image_path, label_path = os.path.join(image_dir, image_name), os.path.join(label_dir, label_name)
             image, label = read_pair(image_path, label_path)
             if self.crop_size and min(image.shape) < self.crop_size:
                 raise DataError(f"{image_path}: {image.shape[1]}x{image.shape[0]} is smaller than --crop_size {self.crop_size}")
-            self.images.append(preprocess(image))
+            self.raw.append(to_unit(image))
+            self.images.append(standardize(self.raw[-1]))
             self.labels.append(binarize_label(label))
         self.elastic_sigma = elastic_sigma
         # Computed once per slice and deformed with it (recomputing per sample costs ~50 ms).
         self.weights = [border_weight_map(l, w0=border_weight) for l in self.labels] if border_weight > 0 else None
         self.seed, self.epoch = seed, 0
+        self.samples_per_slice = samples_per_slice
 
     def set_epoch(self, epoch):
         # Augmentation depends only on (seed, epoch, index), not on what was drawn before: a resumed run
@@ -159,17 +178,21 @@ class SelfDataSet(flow.utils.data.Dataset):
         self.epoch = epoch
 
     def __len__(self):
-        return len(self.images)
+        return len(self.images) * self.samples_per_slice
 
     def __getitem__(self, index):
         rng = np.random.default_rng((self.seed, self.epoch, index))
-        arrays = [self.images[index], self.labels[index]]
+        index %= len(self.images)
+        arrays = [self.raw[index] if self.augment else self.images[index], self.labels[index]]
         if self.weights is not None:
             arrays.append(self.weights[index])
-        if self.augment and self.elastic_sigma > 0:
-            # The whole slice, then the crop: deforming a crop would pull mirrored content into its edges.
-            image, label, *weight = arrays
-            arrays = list(elastic_deform(image, label, rng, sigma=self.elastic_sigma, weight=weight[0] if weight else None))
+        if self.augment:
+            if self.elastic_sigma > 0:
+                # The whole slice, then the crop: deforming a crop would pull mirrored content into its edges.
+                image, label, *weight = arrays
+                arrays = list(elastic_deform(image, label, rng, sigma=self.elastic_sigma, weight=weight[0] if weight else None))
+            # Standardising undoes the jitter's brightness and contrast but not its gamma or clipping.
+            arrays[0] = standardize(intensity_jitter(arrays[0], rng))
         if self.crop_size:
             h, w = arrays[0].shape[-2:]
             y = rng.integers(0, h - self.crop_size + 1)
@@ -178,7 +201,6 @@ class SelfDataSet(flow.utils.data.Dataset):
         if self.augment:
             k = int(rng.integers(8))
             arrays = [dihedral(a, k) for a in arrays]
-            arrays[0] = intensity_jitter(arrays[0], rng)
         return tuple(np.ascontiguousarray(a, dtype=np.float32) for a in arrays)
 
 

@@ -30,11 +30,15 @@ def test_unpaired_label_is_an_error_naming_it(tmp_path):
         find_pairs(os.path.join(root, "train/image"), os.path.join(root, "train/label"))
 
 
-def test_preprocess_scales_to_unit_range_and_labels_binarise():
+def test_preprocess_standardises_each_slice_and_labels_binarise():
     img = np.array([[0, 51, 255]], np.uint8)
     out = preprocess(img)
     assert out.dtype == np.float32 and out.shape == (1, 1, 3)
-    np.testing.assert_allclose(out[0, 0], [0.0, 0.2, 1.0])
+    x = np.array([0.0, 0.2, 1.0])
+    np.testing.assert_allclose(out[0, 0], (x - x.mean()) / x.std(), rtol=1e-5)
+    # brightness and contrast changes of a slice do not reach the network
+    np.testing.assert_allclose(preprocess((img * 0.5 + 40).astype(np.uint8)), out, atol=0.02)
+    assert np.array_equal(preprocess(np.full((4, 4), 9, np.uint8)), np.zeros((1, 4, 4), np.float32))
     np.testing.assert_array_equal(binarize_label(np.array([[0, 255, 200, 10]], np.uint8))[0, 0], [0, 1, 1, 0])
 
 
@@ -89,13 +93,15 @@ def test_paper_augmentation_returns_weights_and_keeps_labels_binary(data):
     for i in range(len(ds)):
         image, label, weight = ds[i]
         assert image.shape == label.shape == weight.shape == (1, 32, 32)
-        assert set(np.unique(label)) <= {0.0, 1.0} and 0.0 <= image.min() and image.max() <= 1.0
+        assert set(np.unique(label)) <= {0.0, 1.0} and np.isfinite(image).all()
         assert weight.min() > 0
         # the border term lands on membranes (label 0), where weights exceed any cell pixel's
         if (label == 0).any() and (label == 1).any():
             assert weight[label == 0].max() > weight[label == 1].max()
     plain = SelfDataSet(f"{data}/train/image", f"{data}/train/label", augment=True, seed=1)
     assert len(plain[0]) == 2
+    # a whole augmented slice is standardised after its jitter, as prediction standardises a slice
+    assert abs(plain[0][0].mean()) < 1e-4 and abs(plain[0][0].std() - 1) < 1e-3
 def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     # What makes resume exact with no dataset state saved: the draw for (seed, epoch, index) does not
     # depend on what was drawn before, in this process or another.
@@ -149,3 +155,19 @@ def test_colour_and_16_bit_files_read_as_the_8_bit_grey_original(tmp_path, capsy
     cv2.imwrite(path, grey)
     read_gray(path)
     assert capsys.readouterr().err == ""
+
+
+def test_samples_per_slice_draws_distinct_crops_of_every_slice(data):
+    root = f"{data}/train"
+    one = SelfDataSet(f"{root}/image", f"{root}/label", augment=True, crop_size=32, seed=2)
+    three = SelfDataSet(f"{root}/image", f"{root}/label", augment=True, crop_size=32, seed=2, samples_per_slice=3)
+    n = len(one)
+    assert len(three) == 3 * n
+    assert np.array_equal(three[0][0], one[0][0])  # index i < n draws exactly what one sample per slice draws
+    crops = SelfDataSet(f"{root}/image", f"{root}/label", crop_size=32, seed=2, samples_per_slice=3)
+    for i in range(n):
+        full = crops.images[i][0]
+        found = [{(y, x) for y in range(full.shape[0] - 31) for x in range(full.shape[1] - 31)
+                  if np.array_equal(crops[i + k * n][0][0], full[y:y + 32, x:x + 32])} for k in range(3)]
+        assert all(found), f"a sample of slice {i} is not a crop of it"
+        assert len(set.union(*found)) >= 2, "the three samples of a slice are the same crop"

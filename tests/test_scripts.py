@@ -17,16 +17,17 @@ def read_log(path):
 
 def test_train_predict_plot_round_trip(data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    out = run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", ckpt, *TINY).stdout
+    out = run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", ckpt, *TINY,
+              "--samples_per_slice", 3).stdout
     assert "recipe cpu (--recipe" not in out and "recipe cpu (no CUDA device)" in out
-    assert "4 training slices, 2 validation slices" in out
+    assert "4 training slices x 3 sample(s) per epoch, 2 validation slices" in out
     for name in ("best", "last"):
         assert os.path.isfile(ckpt / name / "pickled_data")
     rows = read_log(ckpt / "log.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert all(np.isfinite(float(r["train_loss"])) and np.isfinite(float(r["val_loss"])) for r in rows)
     config = json.loads((ckpt / "config.json").read_text())
-    assert config["width"] == 4 and config["crop_size"] == 32 and config["world_size"] == 1
+    assert config["width"] == 4 and config["crop_size"] == 32 and config["samples_per_slice"] == 3 and config["world_size"] == 1
     assert (ckpt / "loss.png").is_file()
 
     res = tmp_path / "res"
