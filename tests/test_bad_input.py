@@ -81,6 +81,19 @@ def test_predict_rejects_a_folder_that_is_not_a_checkpoint(data, tmp_path):
     assert not (tmp_path / "res").exists()
 
 
+def test_predict_refuses_a_checkpoint_of_the_unstandardised_format(data, tmp_path):
+    # Written in-process, as the previous version of save_checkpoint did (its format marker /1).
+    import oneflow as flow
+    from unet import UNet
+    old = tmp_path / "old"
+    flow.save({"format": "isbi-unet-oneflow/1", "model_config": UNet(1, 1, width=4).config(),
+               "model": UNet(1, 1, width=4).state_dict()}, str(old))
+    proc = run("predict_unet_test.py", "--checkpoint", old, "--Test_Data_path", f"{data}/test",
+               "--save_res_path", tmp_path / "res", check=False)
+    assert_fails(proc, old, "older version of this repo on unstandardised input; retrain it")
+    assert not (tmp_path / "res").exists()
+
+
 def test_predict_missing_test_folder(tmp_path):
     proc = run("predict_unet_test.py", "--Test_Data_path", tmp_path / "none", "--save_res_path", tmp_path / "res", check=False)
     assert_fails(proc, tmp_path / "none", "no such folder")
