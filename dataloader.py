@@ -107,13 +107,19 @@ def check_binary_label(label, path):
                         "expected 0 = membrane, 255 = cell)")
 
 
+def read_label(label_path, image_shape):
+    """A label as a uint8 array, checked against its image's (H, W): same size, binary."""
+    label = read_gray(label_path)
+    if label.shape != image_shape:
+        raise DataError(f"{label_path}: size {label.shape[1]}x{label.shape[0]} differs from its image's {image_shape[1]}x{image_shape[0]}")
+    check_binary_label(label, label_path)
+    return label
+
+
 def read_pair(image_path, label_path):
     """A training image and its label as uint8 arrays, checked: same size, binary label."""
-    image, label = read_gray(image_path), read_gray(label_path)
-    if image.shape != label.shape:
-        raise DataError(f"{label_path}: size {label.shape[1]}x{label.shape[0]} differs from its image's {image.shape[1]}x{image.shape[0]}")
-    check_binary_label(label, label_path)
-    return image, label
+    image = read_gray(image_path)
+    return image, read_label(label_path, image.shape)
 
 
 def find_pairs(image_dir, label_dir):

@@ -24,7 +24,7 @@ import numpy as np
 import oneflow as flow
 
 from checkpoint import load_model
-from dataloader import list_images, preprocess, read_gray
+from dataloader import list_images, preprocess, read_gray, read_label
 from errors import DataError, check_output_dir, make_output_dir, run_main
 from graphs import InferenceGraphs
 from metrics import print_scores
@@ -70,9 +70,7 @@ def read_labels(label_path, names, images):
         path = os.path.join(label_path, name)
         if not os.path.exists(path):
             raise DataError(f"{path}: no label for {name}")
-        labels.append(read_gray(path))
-        if labels[-1].shape != image.shape:
-            raise DataError(f"{path}: size {labels[-1].shape[1]}x{labels[-1].shape[0]} differs from its image's {image.shape[1]}x{image.shape[0]}")
+        labels.append(read_label(path, image.shape))
     return labels
 
 

@@ -94,6 +94,20 @@ def test_predict_refuses_a_checkpoint_of_the_unstandardised_format(data, tmp_pat
     assert not (tmp_path / "res").exists()
 
 
+@pytest.mark.parametrize("label,problem", [(np.zeros((20, 48), np.uint8), "size 48x20 differs from its image's 48x48"),
+                                           (np.full((48, 48), 128, np.uint8), "not a binary label")])
+def test_evaluation_labels_are_checked_like_training_labels(data, trained, tmp_path, label, problem):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(labels / f"{i}.png"), cv2.imread(f"{data}/train/label/{i}.png", cv2.IMREAD_UNCHANGED))
+    cv2.imwrite(str(labels / "1.png"), label)
+    proc = run("predict_unet_test.py", "--checkpoint", trained / "best", "--Test_Data_path", f"{data}/test",
+               "--label_path", labels, "--save_res_path", tmp_path / "res", check=False)
+    assert_fails(proc, labels / "1.png", problem)
+    assert not (tmp_path / "res").exists()
+
+
 def test_predict_missing_test_folder(tmp_path):
     proc = run("predict_unet_test.py", "--Test_Data_path", tmp_path / "none", "--save_res_path", tmp_path / "res", check=False)
     assert_fails(proc, tmp_path / "none", "no such folder")
