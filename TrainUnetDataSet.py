@@ -7,6 +7,7 @@
         --nproc_per_node 8 TrainUnetDataSet.py                      # and --node_rank 1 on the other node
 
     python3 TrainUnetDataSet.py --graph                           # OneFlow static graph (nn.Graph), one process
+    bash train.sh --epochs 30                                     # the longer CPU recipe (72 min on 2 cores)
 
 Each epoch scores the held-out block (--val_slices) with the ISBI 2012 metrics (metrics.py). Writes to
 --checkpoint_dir: `best` (highest validation V_rand) and `last` checkpoints, `log.csv` (one row per epoch:
