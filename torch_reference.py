@@ -1,0 +1,141 @@
+"""The CPU recipe in PyTorch, for screening recipe changes about 5x faster than OneFlow's CPU path allows.
+
+    /path/to/python-with-torch torch_reference.py --steps 260 --seed 0 --tta       # the OneFlow default's length
+    /path/to/python-with-torch torch_reference.py --steps 1200 --eval_every 300    # about 20 min here
+    /path/to/python-with-torch torch_reference.py --elastic 0 --no_jitter --seed 1 # an ablation
+
+Needs torch, numpy and opencv-python-headless, not OneFlow: it runs this repo's own data pipeline
+(`dataloader.py`, `augment.py`, with the oneflow import stubbed), the U-Net shape of benchmark.torch_unet
+(= unet.py), BCE + soft Dice, Adam with a per-step cosine decay, precise BatchNorm statistics from 8
+training slices, and scores slices 20-24 of data/train (the last 5) with `metrics.evaluate_slices`, as
+TrainUnetDataSet.py's validation does. Prints one JSON line. Its numbers screen ideas; only a OneFlow
+run (`bash train.sh ...`) decides a default.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import types
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# dataloader.py subclasses oneflow's Dataset; nothing else of OneFlow is used here.
+_stub = types.ModuleType("oneflow")
+_stub.utils = types.SimpleNamespace(data=types.SimpleNamespace(Dataset=object))
+sys.modules.setdefault("oneflow", _stub)
+sys.path.insert(0, HERE)
+import dataloader  # noqa: E402
+import metrics  # noqa: E402
+from benchmark import torch_unet  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_path", default=os.path.join(HERE, "data", "train"), help="folder holding image/ and label/")
+    p.add_argument("--val_slices", type=int, default=5, help="the last N slices are held out and scored")
+    p.add_argument("--steps", type=int, default=260, help="training steps (the OneFlow CPU default runs 260)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--batch", type=int, default=4, help="crops per step")
+    p.add_argument("--crop", type=int, default=256, help="side of the random square crops")
+    p.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
+    p.add_argument("--elastic", type=float, default=10, help="elastic deformation sigma in px (0 = off)")
+    p.add_argument("--no_jitter", action="store_true", help="switch the intensity jitter off")
+    p.add_argument("--loss", choices=["bce", "bce_dice"], default="bce_dice", help="training loss")
+    p.add_argument("--border_weight", type=float, default=0, help="w0 of the paper's border weight map (0 = off)")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="learning rate over the run")
+    p.add_argument("--ema", type=float, default=0, help="also score an exponential moving average of the weights with this decay")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
+    p.add_argument("--tta", action="store_true", help="also score with 8-fold test-time averaging")
+    p.add_argument("--eval_every", type=int, default=0, help="also print scores every N steps")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    import torch
+    import torch.nn.functional as F
+
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    if a.no_jitter:
+        dataloader.intensity_jitter = lambda x, rng: x
+    image_dir, label_dir = os.path.join(a.data_path, "image"), os.path.join(a.data_path, "label")
+    names = dataloader.list_images(image_dir)
+    train = dataloader.SelfDataSet(image_dir, label_dir, names=names[:-a.val_slices], augment=True, crop_size=a.crop,
+                                   seed=a.seed, elastic_sigma=a.elastic, border_weight=a.border_weight, samples_per_slice=4)
+    val = dataloader.SelfDataSet(image_dir, label_dir, names=names[-a.val_slices:])
+    model = torch_unet(a.width)
+    ema = copy.deepcopy(model) if a.ema else None
+    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+
+    def loss_fn(logits, label, weight=None):
+        bce = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
+        loss = bce.mean() if weight is None else (bce * weight).mean()
+        if a.loss == "bce_dice":
+            membrane, target = 1 - torch.sigmoid(logits), 1 - label
+            loss = loss + 1 - (2 * (membrane * target).sum() + 1) / (membrane.sum() + target.sum() + 1)
+        return loss
+
+    def evaluate(net, tta):
+        bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for b in bns:
+            b.reset_running_stats()
+            b.momentum = None  # a plain average over the slices below: precise BN
+        net.train()
+        with torch.no_grad():
+            for i in np.unique(np.linspace(0, len(train.images) - 1, 8).round().astype(int)):
+                net(torch.from_numpy(train.images[i][None]))
+            net.eval()
+            probs = []
+            for img in val.images:
+                acc = 0
+                for k in range(8) if tta else [0]:
+                    p = torch.sigmoid(net(torch.from_numpy(dataloader.dihedral(img[None], k)))).numpy()
+                    p = np.rot90(p, -(k % 4), axes=(-2, -1))  # undo the rotation, then the flip
+                    acc = acc + (p[..., ::-1] if k >= 4 else p)
+                probs.append((acc / (8 if tta else 1))[0, 0])
+        net.train()
+        for b in bns:
+            b.momentum = 0.1
+        labels = [(l[0] * 255).astype(np.uint8) for l in val.labels]
+        return {k: round(v, 4) for k, v in metrics.evaluate_slices(probs, labels).items()}
+
+    step, epoch, t0 = 0, 0, time.time()
+    model.train()
+    while step < a.steps:
+        train.set_epoch(epoch)
+        order = np.random.default_rng((a.seed, epoch)).permutation(len(train))
+        for s in range(0, len(order) - a.batch + 1, a.batch):
+            if step >= a.steps:
+                break
+            arrays = [torch.from_numpy(np.stack(z)) for z in zip(*(train[i] for i in order[s:s + a.batch]))]
+            lr = a.lr * 0.5 * (1 + np.cos(np.pi * step / a.steps)) if a.schedule == "cosine" else a.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = loss_fn(model(arrays[0]), *arrays[1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if ema is not None:
+                with torch.no_grad():
+                    for pe, pm in zip(ema.parameters(), model.parameters()):
+                        pe.mul_(a.ema).add_(pm, alpha=1 - a.ema)
+            if a.eval_every and step % a.eval_every == 0 and step < a.steps:
+                print(json.dumps(dict(step=step, loss=round(loss.item(), 4), **evaluate(model, False))), flush=True)
+        epoch += 1
+    out = dict(steps=a.steps, seconds=round(time.time() - t0), **evaluate(model, False))
+    if a.tta:
+        out["tta"] = evaluate(model, True)
+    if ema is not None:
+        out["ema"] = evaluate(ema, False)
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
