@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import oneflow as flow  # noqa: E402
 
 from checkpoint import load_checkpoint, save_checkpoint, seed_epoch  # noqa: E402
-from dataloader import SelfDataSet, find_pairs  # noqa: E402
+from dataloader import SelfDataSet, evenly_spaced, find_pairs  # noqa: E402
 from errors import DataError, check_output_dir, make_output_dir, run_main  # noqa: E402
 from graphs import InferenceGraphs, TrainGraph  # noqa: E402
 from losses import LOSSES, SegmentationLoss  # noqa: E402
@@ -175,7 +175,7 @@ def recompute_bn_stats(model, images, count, batch_size, device, rank, world_siz
     and every rank ends with the same statistics, so no rank's last batch decides what is saved.
     """
     bns = [m for m in model.modules() if isinstance(m, flow.nn.BatchNorm2d)]
-    picked = np.unique(np.linspace(0, len(images) - 1, min(count, len(images))).round().astype(int))
+    picked = evenly_spaced(len(images), count)
     mine = picked[rank::world_size]
     momenta = [b.momentum for b in bns]
     for b in bns:

@@ -137,6 +137,11 @@ def find_pairs(image_dir, label_dir):
     return [(n, label_by_stem[stem(n)]) for n in images]
 
 
+def evenly_spaced(n, count):
+    """Indices of `count` items spread evenly over 0..n-1 (all n if count >= n), e.g. slices for precise BN."""
+    return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int))
+
+
 def dihedral(arr, k):
     """The k-th (0..7) of the 8 symmetries of the square, applied to the last two axes."""
     if k >= 4:

@@ -5,7 +5,7 @@
     /path/to/python-with-torch torch_reference.py --elastic 0 --no_jitter --seed 1 # an ablation
 
 Needs torch, numpy and opencv-python-headless, not OneFlow: it runs this repo's own data pipeline
-(`dataloader.py`, `augment.py`, with the oneflow import stubbed), the U-Net shape of benchmark.torch_unet
+(`dataloader.py`, `augment.py`, with the oneflow import stubbed) and inference (`tiling.py`), the U-Net shape of benchmark.torch_unet
 (= unet.py), BCE + soft Dice, Adam with a per-step cosine decay, precise BatchNorm statistics from 8
 training slices, and scores slices 20-24 of data/train (the last 5) with `metrics.evaluate_slices`, as
 TrainUnetDataSet.py's validation does. Prints one JSON line. Its numbers screen ideas; only a OneFlow
@@ -29,6 +29,7 @@ sys.modules.setdefault("oneflow", _stub)
 sys.path.insert(0, HERE)
 import dataloader  # noqa: E402
 import metrics  # noqa: E402
+import tiling  # noqa: E402
 from benchmark import torch_unet  # noqa: E402
 
 
@@ -88,17 +89,12 @@ def main(argv=None):
             b.momentum = None  # a plain average over the slices below: precise BN
         net.train()
         with torch.no_grad():
-            for i in np.unique(np.linspace(0, len(train.images) - 1, 8).round().astype(int)):
+            for i in dataloader.evenly_spaced(len(train.images), 8):
                 net(torch.from_numpy(train.images[i][None]))
             net.eval()
-            probs = []
-            for img in val.images:
-                acc = 0
-                for k in range(8) if tta else [0]:
-                    p = torch.sigmoid(net(torch.from_numpy(dataloader.dihedral(img[None], k)))).numpy()
-                    p = np.rot90(p, -(k % 4), axes=(-2, -1))  # undo the rotation, then the flip
-                    acc = acc + (p[..., ::-1] if k >= 4 else p)
-                probs.append((acc / (8 if tta else 1))[0, 0])
+            forward = lambda batch: torch.sigmoid(net(torch.from_numpy(batch))).numpy()
+            # Whole slices, as predict_unet_test.py's default (--tile 0) and its TTA.
+            probs = [tiling.predict_tiled(forward, img, tile=0, tta=tta)[0] for img in val.images]
         net.train()
         for b in bns:
             b.momentum = 0.1
