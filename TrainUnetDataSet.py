@@ -67,7 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--graph", action="store_true", help="train and validate through nn.Graph (static graph) instead of eager mode")
     p.add_argument("--amp", action="store_true", help="mixed precision; CUDA with --graph only")
     p.add_argument("--bn_slices", "--bn-slices", type=int, default=8, help="after each epoch, set BatchNorm statistics from this many whole training slices (precise BN) before validating and saving; 0 = keep training's running averages")
-    p.add_argument("--val_slices", "--val-slices", type=int, default=5, help="hold out the last N slices (a contiguous block) for validation; 0 = none, then best = last")
+    p.add_argument("--val_slices", "--val-slices", type=int, default=5, help="hold out N neighbouring slices (a contiguous block) for validation; 0 = none, then best = last")
+    p.add_argument("--val_start", "--val-start", type=int, default=-1, help="index (in natural file-name order) of the held-out block's first slice; -1 = the last N slices. Other values give cross-validation folds")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda or cpu")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
     p.add_argument("--checkpoint_dir", "--checkpoint-dir", default="checkpoints", help="where checkpoints, log.csv and config.json go")
@@ -99,6 +100,8 @@ def resolve_args(args, cuda, world_size=1):
         raise DataError(f"--bn_slices must be 0 or more, got {args.bn_slices}")
     if args.val_slices < 0:
         raise DataError(f"--val_slices must be 0 or more, got {args.val_slices}")
+    if args.val_start < -1:
+        raise DataError(f"--val_start must be -1 (the last block) or a slice index, got {args.val_start}")
     if args.amp and not (cuda and args.graph):
         raise DataError("--amp needs --graph on a CUDA device (OneFlow's eager CPU path has no float16 kernels worth using)")
     if args.seed < 0:
@@ -118,17 +121,20 @@ def setup_distributed(device_flag):
     return rank, world_size, rank == 0, device
 
 
-def split_names(data_path, val_slices):
-    """Train and validation file names; validation is the last block, as neighbouring slices nearly repeat."""
+def split_names(data_path, val_slices, val_start=-1):
+    """Train and validation file names. Validation is one contiguous block (the last one for val_start -1),
+    because neighbouring slices nearly repeat: a scattered split would score slices seen in training."""
     names = [image for image, _ in find_pairs(os.path.join(data_path, "image"), os.path.join(data_path, "label"))]
     if val_slices >= len(names):
         raise DataError(f"{data_path}: --val_slices {val_slices} leaves no training slice out of {len(names)}")
-    cut = len(names) - val_slices
-    return names[:cut], names[cut:]
+    start = len(names) - val_slices if val_start == -1 else val_start
+    if start + val_slices > len(names):
+        raise DataError(f"{data_path}: --val_start {val_start} with --val_slices {val_slices} runs past the last of {len(names)} slices")
+    return names[:start] + names[start + val_slices:], names[start:start + val_slices]
 
 
 def build_dataloaders(args, rank, world_size, device):
-    train_names, val_names = split_names(args.data_path, args.val_slices)
+    train_names, val_names = split_names(args.data_path, args.val_slices, args.val_start)
     image_dir, label_dir = os.path.join(args.data_path, "image"), os.path.join(args.data_path, "label")
     # Each rank draws its own crops and flips; the sampler already gives it different slices.
     train_set = SelfDataSet(image_dir, label_dir, train_names, augment=True, crop_size=args.crop_size, seed=args.seed + rank,

@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", default=os.path.join(HERE, "data", "train"), help="folder holding image/ and label/")
     p.add_argument("--val_slices", type=int, default=5, help="the last N slices are held out and scored")
+    p.add_argument("--val_start", type=int, default=-1, help="hold out N slices from this index instead of the last N (-1 = the last N)")
     p.add_argument("--steps", type=int, default=260, help="training steps (the OneFlow CPU default runs 260)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--batch", type=int, default=4, help="crops per step")
@@ -67,9 +68,11 @@ def main(argv=None):
         dataloader.intensity_jitter = lambda x, rng: x
     image_dir, label_dir = os.path.join(a.data_path, "image"), os.path.join(a.data_path, "label")
     names = dataloader.list_images(image_dir)
-    train = dataloader.SelfDataSet(image_dir, label_dir, names=names[:-a.val_slices], augment=True, crop_size=a.crop,
+    start = len(names) - a.val_slices if a.val_start < 0 else a.val_start
+    held = names[start:start + a.val_slices]
+    train = dataloader.SelfDataSet(image_dir, label_dir, names=[n for n in names if n not in held], augment=True, crop_size=a.crop,
                                    seed=a.seed, elastic_sigma=a.elastic, border_weight=a.border_weight, samples_per_slice=4)
-    val = dataloader.SelfDataSet(image_dir, label_dir, names=names[-a.val_slices:])
+    val = dataloader.SelfDataSet(image_dir, label_dir, names=held)
     model = torch_unet(a.width)
     ema = copy.deepcopy(model) if a.ema else None
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)

@@ -19,7 +19,7 @@ import json, os, sys
 from TrainUnetDataSet import split_names
 config, tmp = json.load(open(sys.argv[1])), sys.argv[2]
 os.makedirs(f"{tmp}/image")
-for name in split_names(config["data_path"], config["val_slices"])[1]:
+for name in split_names(config["data_path"], config["val_slices"], config.get("val_start", -1))[1]:
     os.symlink(os.path.abspath(os.path.join(config["data_path"], "image", name)), f"{tmp}/image/{name}")
 print(config["data_path"], file=open(f"{tmp}/data_path", "w"))
 PY

@@ -52,7 +52,8 @@ def test_mis_sized_label(data, tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("--epochs", 0), ("--batch_size", -1), ("--crop_size", 8), ("--lr", 0),
-                                        ("--width", 0), ("--val_slices", -1), ("--seed", -1)])
+                                        ("--width", 0), ("--val_slices", -1), ("--val_start", -2),
+                                        ("--seed", -1)])
 def test_nonsense_flags(data, tmp_path, flag, value):
     assert_fails(train(f"{data}/train", tmp_path / "ckpt", flag, value), flag)
     assert not (tmp_path / "ckpt").exists()
@@ -61,6 +62,12 @@ def test_nonsense_flags(data, tmp_path, flag, value):
 def test_predict_nonsense_threshold(data, tmp_path):
     proc = run("predict_unet_test.py", "--threshold", 1.5, "--Test_Data_path", f"{data}/test", "--save_res_path", tmp_path / "res", check=False)
     assert_fails(proc, "--threshold")
+
+
+def test_held_out_block_past_the_last_slice(data, tmp_path):
+    proc = train(f"{data}/train", tmp_path / "ckpt", "--val_start", 5)  # 2 slices from index 5 of 6
+    assert_fails(proc, f"{data}/train", "--val_start 5", "past the last of 6 slices")
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_crop_larger_than_image(data, tmp_path):

@@ -15,6 +15,14 @@ def read_log(path):
         return list(csv.DictReader(f))
 
 
+def test_held_out_block_is_contiguous_and_movable(data):
+    from TrainUnetDataSet import split_names
+    names = [f"{i}.png" for i in range(6)]
+    assert split_names(f"{data}/train", 2) == (names[:4], names[4:])  # the last block by default
+    assert split_names(f"{data}/train", 2, 0) == (names[2:], names[:2])
+    assert split_names(f"{data}/train", 2, 3) == (names[:3] + names[5:], names[3:5])
+
+
 def test_train_predict_plot_round_trip(data, tmp_path):
     ckpt = tmp_path / "ckpt"
     out = run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", ckpt, *TINY,
