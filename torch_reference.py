@@ -3,6 +3,7 @@
     /path/to/python-with-torch torch_reference.py --steps 260 --seed 0 --tta       # the OneFlow default's length
     /path/to/python-with-torch torch_reference.py --steps 1200 --eval_every 300    # about 20 min here
     /path/to/python-with-torch torch_reference.py --elastic 0 --no_jitter --seed 1 # an ablation
+    /path/to/python-with-torch torch_reference.py --val_start 10 --threads 1       # hold out slices 10-14
 
 Needs torch, numpy and opencv-python-headless, not OneFlow: it runs this repo's own data pipeline
 (`dataloader.py`, `augment.py`, with the oneflow import stubbed) and inference (`tiling.py`), the U-Net shape of benchmark.torch_unet
