@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import oneflow as flow  # noqa: E402
 
 from checkpoint import load_checkpoint, save_checkpoint, seed_epoch  # noqa: E402
-from dataloader import SelfDataSet, evenly_spaced, find_pairs  # noqa: E402
+from dataloader import SelfDataSet, evenly_spaced, find_pairs, held_out_block  # noqa: E402
 from errors import DataError, check_output_dir, make_output_dir, run_main  # noqa: E402
 from graphs import InferenceGraphs, TrainGraph  # noqa: E402
 from losses import LOSSES, SegmentationLoss  # noqa: E402
@@ -122,15 +122,9 @@ def setup_distributed(device_flag):
 
 
 def split_names(data_path, val_slices, val_start=-1):
-    """Train and validation file names. Validation is one contiguous block (the last one for val_start -1),
-    because neighbouring slices nearly repeat: a scattered split would score slices seen in training."""
+    """Train and validation file names of `data_path`; validation is one contiguous block (held_out_block)."""
     names = [image for image, _ in find_pairs(os.path.join(data_path, "image"), os.path.join(data_path, "label"))]
-    if val_slices >= len(names):
-        raise DataError(f"{data_path}: --val_slices {val_slices} leaves no training slice out of {len(names)}")
-    start = len(names) - val_slices if val_start == -1 else val_start
-    if start + val_slices > len(names):
-        raise DataError(f"{data_path}: --val_start {val_start} with --val_slices {val_slices} runs past the last of {len(names)} slices")
-    return names[:start] + names[start + val_slices:], names[start:start + val_slices]
+    return held_out_block(names, val_slices, val_start, data_path)
 
 
 def build_dataloaders(args, rank, world_size, device):

@@ -137,6 +137,18 @@ def find_pairs(image_dir, label_dir):
     return [(n, label_by_stem[stem(n)]) for n in images]
 
 
+def held_out_block(names, count, start, where):
+    """(training names, held-out names): `count` neighbouring names from index `start` (-1 = the last
+    `count`) are held out. One contiguous block, because neighbouring slices nearly repeat: a scattered
+    split would score slices seen in training. `where` (the data folder) prefixes the error messages."""
+    if count >= len(names):
+        raise DataError(f"{where}: --val_slices {count} leaves no training slice out of {len(names)}")
+    first = len(names) - count if start == -1 else start
+    if first + count > len(names):
+        raise DataError(f"{where}: --val_start {start} with --val_slices {count} runs past the last of {len(names)} slices")
+    return names[:first] + names[first + count:], names[first:first + count]
+
+
 def evenly_spaced(n, count):
     """Indices of `count` items spread evenly over 0..n-1 (all n if count >= n), e.g. slices for precise BN."""
     return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int))

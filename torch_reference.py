@@ -8,7 +8,7 @@
 Needs torch, numpy and opencv-python-headless, not OneFlow: it runs this repo's own data pipeline
 (`dataloader.py`, `augment.py`, with the oneflow import stubbed) and inference (`tiling.py`), the U-Net shape of benchmark.torch_unet
 (= unet.py), BCE + soft Dice, Adam with a per-step cosine decay, precise BatchNorm statistics from 8
-training slices, and scores slices 20-24 of data/train (the last 5) with `metrics.evaluate_slices`, as
+training slices, and scores the held-out block (by default slices 20-24 of data/train, the last 5) with `metrics.evaluate_slices`, as
 TrainUnetDataSet.py's validation does. Prints one JSON line. Its numbers screen ideas; only a OneFlow
 run (`bash train.sh ...`) decides a default.
 """
@@ -37,8 +37,8 @@ from benchmark import torch_unet  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", default=os.path.join(HERE, "data", "train"), help="folder holding image/ and label/")
-    p.add_argument("--val_slices", type=int, default=5, help="the last N slices are held out and scored")
-    p.add_argument("--val_start", type=int, default=-1, help="hold out N slices from this index instead of the last N (-1 = the last N)")
+    p.add_argument("--val_slices", type=int, default=5, help="hold out and score N neighbouring slices")
+    p.add_argument("--val_start", type=int, default=-1, help="first slice of the held-out block (-1 = the last N), as TrainUnetDataSet.py's --val_start")
     p.add_argument("--steps", type=int, default=260, help="training steps (the OneFlow CPU default runs 260)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--batch", type=int, default=4, help="crops per step")
@@ -69,9 +69,8 @@ def main(argv=None):
         dataloader.intensity_jitter = lambda x, rng: x
     image_dir, label_dir = os.path.join(a.data_path, "image"), os.path.join(a.data_path, "label")
     names = dataloader.list_images(image_dir)
-    start = len(names) - a.val_slices if a.val_start < 0 else a.val_start
-    held = names[start:start + a.val_slices]
-    train = dataloader.SelfDataSet(image_dir, label_dir, names=[n for n in names if n not in held], augment=True, crop_size=a.crop,
+    train_names, held = dataloader.held_out_block(names, a.val_slices, a.val_start, a.data_path)
+    train = dataloader.SelfDataSet(image_dir, label_dir, names=train_names, augment=True, crop_size=a.crop,
                                    seed=a.seed, elastic_sigma=a.elastic, border_weight=a.border_weight, samples_per_slice=4)
     val = dataloader.SelfDataSet(image_dir, label_dir, names=held)
     model = torch_unet(a.width)
