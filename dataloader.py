@@ -143,6 +143,8 @@ def held_out_block(names, count, start, where):
     split would score slices seen in training. `where` (the data folder) prefixes the error messages."""
     if count >= len(names):
         raise DataError(f"{where}: --val_slices {count} leaves no training slice out of {len(names)}")
+    if start < -1:  # a negative index would silently count from the end and split wrongly
+        raise DataError(f"{where}: --val_start must be -1 (the last block) or a slice index, got {start}")
     first = len(names) - count if start == -1 else start
     if first + count > len(names):
         raise DataError(f"{where}: --val_start {start} with --val_slices {count} runs past the last of {len(names)} slices")

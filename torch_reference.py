@@ -29,6 +29,7 @@ _stub.utils = types.SimpleNamespace(data=types.SimpleNamespace(Dataset=object))
 sys.modules.setdefault("oneflow", _stub)
 sys.path.insert(0, HERE)
 import dataloader  # noqa: E402
+from errors import run_main  # noqa: E402
 import metrics  # noqa: E402
 import tiling  # noqa: E402
 from benchmark import torch_unet  # noqa: E402
@@ -137,4 +138,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

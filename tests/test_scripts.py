@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, run
+from errors import DataError
 
 
 def read_log(path):
@@ -21,6 +22,8 @@ def test_held_out_block_is_contiguous_and_movable(data):
     assert split_names(f"{data}/train", 2) == (names[:4], names[4:])  # the last block by default
     assert split_names(f"{data}/train", 2, 0) == (names[2:], names[:2])
     assert split_names(f"{data}/train", 2, 3) == (names[:3] + names[5:], names[3:5])
+    with pytest.raises(DataError, match="--val_start must be -1"):  # torch_reference.py has no resolve_args
+        split_names(f"{data}/train", 2, -2)
 
 
 def test_train_predict_plot_round_trip(data, tmp_path):
