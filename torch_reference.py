@@ -46,8 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--crop", type=int, default=256, help="side of the random square crops")
     p.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
     p.add_argument("--elastic", type=float, default=10, help="elastic deformation sigma in px (0 = off)")
+    p.add_argument("--clahe", action="store_true", help="contrast-limited adaptive histogram equalisation (clip 2, 8x8 tiles) before standardising, in training and scoring")
     p.add_argument("--no_jitter", action="store_true", help="switch the intensity jitter off")
-    p.add_argument("--loss", choices=["bce", "bce_dice"], default="bce_dice", help="training loss")
+    p.add_argument("--loss", choices=["bce", "bce_dice", "bce_cldice"], default="bce_dice",
+                   help="training loss (bce_cldice: BCE + half soft Dice + half clDice on the membrane class, Shit et al. 2021)")
+    p.add_argument("--cldice_iter", type=int, default=10, help="soft-skeleton iterations of clDice (> half the thickest membrane)")
     p.add_argument("--border_weight", type=float, default=0, help="w0 of the paper's border weight map (0 = off)")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="learning rate over the run")
     p.add_argument("--ema", type=float, default=0, help="also score an exponential moving average of the weights with this decay")
@@ -56,6 +59,27 @@ def parse_args(argv=None):
     p.add_argument("--eval_every", type=int, default=0, help="also print scores every N steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     return p.parse_args(argv)
+
+
+def cldice_loss(pred, target, iters, eps=1.0):
+    """1 - clDice (Shit et al., CVPR 2021): penalises gaps in the predicted membrane network."""
+    import torch.nn.functional as F
+
+    erode = lambda x: -F.max_pool2d(-x, 3, 1, 1)
+    open_ = lambda x: F.max_pool2d(erode(x), 3, 1, 1)
+
+    def skeleton(x):
+        skel = F.relu(x - open_(x))
+        for _ in range(iters):
+            x = erode(x)
+            delta = F.relu(x - open_(x))
+            skel = skel + F.relu(delta - skel * delta)
+        return skel
+
+    sp, st = skeleton(pred), skeleton(target)
+    precision = ((sp * target).sum() + eps) / (sp.sum() + eps)
+    sensitivity = ((st * pred).sum() + eps) / (st.sum() + eps)
+    return 1 - 2 * precision * sensitivity / (precision + sensitivity)
 
 
 def main(argv=None):
@@ -68,6 +92,10 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     if a.no_jitter:
         dataloader.intensity_jitter = lambda x, rng: x
+    if a.clahe:
+        import cv2
+        clahe, to_unit = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)), dataloader.to_unit
+        dataloader.to_unit = lambda img: to_unit(clahe.apply(img))
     image_dir, label_dir = os.path.join(a.data_path, "image"), os.path.join(a.data_path, "label")
     names = dataloader.list_images(image_dir)
     train_names, held = dataloader.held_out_block(names, a.val_slices, a.val_start, a.data_path)
@@ -81,9 +109,12 @@ def main(argv=None):
     def loss_fn(logits, label, weight=None):
         bce = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
         loss = bce.mean() if weight is None else (bce * weight).mean()
+        membrane, target = 1 - torch.sigmoid(logits), 1 - label
+        dice = 1 - (2 * (membrane * target).sum() + 1) / (membrane.sum() + target.sum() + 1)
         if a.loss == "bce_dice":
-            membrane, target = 1 - torch.sigmoid(logits), 1 - label
-            loss = loss + 1 - (2 * (membrane * target).sum() + 1) / (membrane.sum() + target.sum() + 1)
+            loss = loss + dice
+        elif a.loss == "bce_cldice":
+            loss = loss + 0.5 * dice + 0.5 * cldice_loss(membrane, target, a.cldice_iter)
         return loss
 
     def evaluate(net, tta):
