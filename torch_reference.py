@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
     p.add_argument("--elastic", type=float, default=10, help="elastic deformation sigma in px (0 = off)")
     p.add_argument("--clahe", action="store_true", help="contrast-limited adaptive histogram equalisation (clip 2, 8x8 tiles) before standardising, in training and scoring")
+    p.add_argument("--neighbours", action="store_true", help="2.5D: the slices above and below as two more input channels (mirrored at the ends of each split's runs of slices, so held-out images never enter training); scores without TTA")
     p.add_argument("--no_jitter", action="store_true", help="switch the intensity jitter off")
     p.add_argument("--loss", choices=["bce", "bce_dice", "bce_cldice"], default="bce_dice",
                    help="training loss (bce_cldice: BCE + half soft Dice + half clDice on the membrane class, Shit et al. 2021)")
@@ -82,6 +83,31 @@ def cldice_loss(pred, target, iters, eps=1.0):
     return 1 - 2 * precision * sensitivity / (precision + sensitivity)
 
 
+def stack_neighbours(ds, all_names):
+    """Turn each 1xHxW slice of `ds` into 3xHxW (slice above, slice, slice below), within `ds`'s own runs
+    of consecutive slices, mirrored at their ends; elastic deformation then warps all three alike."""
+    import cv2
+    import augment
+
+    position = [all_names.index(n) for n in ds.names]
+    for store in (ds.raw, ds.images):
+        old = list(store)
+        for k, pos in enumerate(position):
+            before = k > 0 and position[k - 1] == pos - 1
+            after = k + 1 < len(position) and position[k + 1] == pos + 1
+            up = k - 1 if before else k + 1 if after else k
+            down = k + 1 if after else k - 1 if before else k
+            store[k] = np.concatenate([old[up], old[k], old[down]])
+    ds.images = [dataloader.standardize(x) for x in ds.raw]
+
+    def elastic(image, label, rng, sigma, weight=None):
+        h, w = image.shape[-2:]
+        coords = augment.sample_map(augment.displacement_field((h, w), rng, 3, sigma))
+        warp = lambda a, i: cv2.remap(np.ascontiguousarray(a, np.float32), coords, None, i, borderMode=augment.BORDER)
+        return np.stack([warp(c, cv2.INTER_LINEAR) for c in image]), warp(label[0], cv2.INTER_NEAREST)[None]
+    dataloader.elastic_deform = elastic
+
+
 def main(argv=None):
     import torch
     import torch.nn.functional as F
@@ -92,6 +118,8 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     if a.no_jitter:
         dataloader.intensity_jitter = lambda x, rng: x
+    if a.neighbours and a.border_weight:
+        raise SystemExit("torch_reference.py: --neighbours does not deform border weight maps; drop --border_weight")
     if a.clahe:
         import cv2
         clahe, to_unit = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)), dataloader.to_unit
@@ -103,6 +131,10 @@ def main(argv=None):
                                    seed=a.seed, elastic_sigma=a.elastic, border_weight=a.border_weight, samples_per_slice=4)
     val = dataloader.SelfDataSet(image_dir, label_dir, names=held)
     model = torch_unet(a.width)
+    if a.neighbours:
+        stack_neighbours(train, names)
+        stack_neighbours(val, names)
+        model.inc[0] = torch.nn.Conv2d(3, a.width, 3, padding=1, bias=False)
     ema = copy.deepcopy(model) if a.ema else None
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
 
@@ -129,7 +161,10 @@ def main(argv=None):
             net.eval()
             forward = lambda batch: torch.sigmoid(net(torch.from_numpy(batch))).numpy()
             # Whole slices, as predict_unet_test.py's default (--tile 0) and its TTA.
-            probs = [tiling.predict_tiled(forward, img, tile=0, tta=tta)[0] for img in val.images]
+            if a.neighbours:  # tiling.py takes 1xHxW; ISBI's 512x512 passes whole (a multiple of 16)
+                probs = [forward(img[None])[0, 0] for img in val.images]
+            else:
+                probs = [tiling.predict_tiled(forward, img, tile=0, tta=tta)[0] for img in val.images]
         net.train()
         for b in bns:
             b.momentum = 0.1
