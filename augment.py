@@ -56,7 +56,8 @@ def elastic_deform(image, label, rng, grid=3, sigma=10.0, weight=None):
     tens of ms per sample and, on a crop, loses the gaps whose second cell lies outside it.
     `python3 augment.py --label ...` prints how far the two differ.
 
-    Returns (image, label), or (image, label, weight) when `weight` is given; float32 1xHxW each.
+    Returns (image, label), or (image, label, weight) when `weight` is given; float32, each in its
+    input's shape (1xHxW, or CxHxW for an image of several channels, all warped alike).
     """
     h, w = image.shape[-2:]
     if label.shape[-2:] != (h, w) or (weight is not None and weight.shape[-2:] != (h, w)):
@@ -64,8 +65,9 @@ def elastic_deform(image, label, rng, grid=3, sigma=10.0, weight=None):
     coords = sample_map(displacement_field((h, w), rng, grid, sigma))
 
     def warp(arr, interpolation):
-        out = cv2.remap(np.ascontiguousarray(arr.reshape(h, w), np.float32), coords, None, interpolation, borderMode=BORDER)
-        return out.reshape(arr.shape)
+        planes = np.ascontiguousarray(arr, np.float32).reshape(-1, h, w)
+        out = [cv2.remap(p, coords, None, interpolation, borderMode=BORDER) for p in planes]
+        return np.stack(out).reshape(arr.shape)
 
     out = (warp(image, cv2.INTER_LINEAR), warp(label, cv2.INTER_NEAREST))
     return out if weight is None else out + (warp(weight, cv2.INTER_NEAREST),)

@@ -85,10 +85,7 @@ def cldice_loss(pred, target, iters, eps=1.0):
 
 def stack_neighbours(ds, all_names):
     """Turn each 1xHxW slice of `ds` into 3xHxW (slice above, slice, slice below), within `ds`'s own runs
-    of consecutive slices, mirrored at their ends; elastic deformation then warps all three alike."""
-    import cv2
-    import augment
-
+    of consecutive slices, mirrored at their ends (augment.elastic_deform warps all three alike)."""
     position = [all_names.index(n) for n in ds.names]
     for store in (ds.raw, ds.images):
         old = list(store)
@@ -99,13 +96,6 @@ def stack_neighbours(ds, all_names):
             down = k + 1 if after else k - 1 if before else k
             store[k] = np.concatenate([old[up], old[k], old[down]])
     ds.images = [dataloader.standardize(x) for x in ds.raw]
-
-    def elastic(image, label, rng, sigma, weight=None):
-        h, w = image.shape[-2:]
-        coords = augment.sample_map(augment.displacement_field((h, w), rng, 3, sigma))
-        warp = lambda a, i: cv2.remap(np.ascontiguousarray(a, np.float32), coords, None, i, borderMode=augment.BORDER)
-        return np.stack([warp(c, cv2.INTER_LINEAR) for c in image]), warp(label[0], cv2.INTER_NEAREST)[None]
-    dataloader.elastic_deform = elastic
 
 
 def main(argv=None):
@@ -118,8 +108,6 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     if a.no_jitter:
         dataloader.intensity_jitter = lambda x, rng: x
-    if a.neighbours and a.border_weight:
-        raise SystemExit("torch_reference.py: --neighbours does not deform border weight maps; drop --border_weight")
     if a.clahe:
         import cv2
         clahe, to_unit = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)), dataloader.to_unit
@@ -141,13 +129,13 @@ def main(argv=None):
     def loss_fn(logits, label, weight=None):
         bce = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
         loss = bce.mean() if weight is None else (bce * weight).mean()
+        if a.loss == "bce":
+            return loss
         membrane, target = 1 - torch.sigmoid(logits), 1 - label
         dice = 1 - (2 * (membrane * target).sum() + 1) / (membrane.sum() + target.sum() + 1)
         if a.loss == "bce_dice":
-            loss = loss + dice
-        elif a.loss == "bce_cldice":
-            loss = loss + 0.5 * dice + 0.5 * cldice_loss(membrane, target, a.cldice_iter)
-        return loss
+            return loss + dice
+        return loss + 0.5 * dice + 0.5 * cldice_loss(membrane, target, a.cldice_iter)
 
     def evaluate(net, tta):
         bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]

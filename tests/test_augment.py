@@ -70,6 +70,18 @@ def test_same_seed_same_result_other_seed_other_result():
     assert not np.array_equal(a[0], c[0])
 
 
+def test_a_multichannel_image_has_every_channel_warped_like_a_single_one():
+    image, label, _ = sample()
+    stacked = np.concatenate([image, 1.0 - image, image * 0.5])
+    out_image, out_label = elastic_deform(stacked, label, np.random.default_rng(3))
+    single, single_label = elastic_deform(image, label, np.random.default_rng(3))
+    assert out_image.shape == stacked.shape
+    np.testing.assert_array_equal(out_image[0], single[0])
+    np.testing.assert_allclose(out_image[1], 1.0 - single[0], atol=1e-6)
+    np.testing.assert_allclose(out_image[2], single[0] * 0.5, atol=1e-6)
+    np.testing.assert_array_equal(out_label, single_label)
+
+
 def test_displacements_have_the_requested_spread_and_are_smooth():
     rng = np.random.default_rng(0)
     # Resizing 3x3 to 3x3 returns the drawn vectors themselves: N(0, 10^2) components.
