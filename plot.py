@@ -6,6 +6,7 @@ has them, the validation metrics (V_rand, V_info, pixel error) in a second panel
 """
 import argparse
 import csv
+import io
 import math
 import os
 
@@ -14,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image  # noqa: E402  (comes with matplotlib)
 
 from errors import DataError, check_output_dir, run_main  # noqa: E402
 
@@ -69,13 +71,28 @@ def plot_losses(columns, out):
         axes[0, 1].set_ylim(0, 1)
         axes[0, 1].set_title("validation: V_rand, V_info higher, pixel error lower is better", fontsize=9)
     fig.tight_layout()
+    labels = [[line.get_label() for line in ax.get_lines()] for ax in axes[0]]
+    save_figure(fig, out, "the plot")
+    return labels
+
+
+def save_figure(fig, out, what, palette=False):
+    """Writes `fig` to PNG `out` and closes it; a failed write is a DataError naming `out`.
+
+    palette: quantise to 256 colours, for figures of grey panels with one tint, which a noisy EM slice
+    otherwise keeps from compressing.
+    """
     try:
-        fig.savefig(out)
+        if palette:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png")
+            Image.open(buffer).convert("RGB").quantize(256).save(out, format="png", optimize=True)
+        else:
+            fig.savefig(out)
     except OSError as e:
-        raise DataError(f"{out}: cannot write the plot ({e.strerror})") from None
+        raise DataError(f"{out}: cannot write {what} ({e.strerror})") from None
     finally:
         plt.close(fig)
-    return [[line.get_label() for line in ax.get_lines()] for ax in axes[0]]
 
 
 def main(argv=None):

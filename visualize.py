@@ -15,14 +15,12 @@ The pictures in docs/ come from one command, given a training run's checkpoint f
     bash docs/make_docs.sh checkpoints
 """
 import argparse
-import io
 import json
 import os
 
 import cv2
 import matplotlib
 import numpy as np
-from PIL import Image
 
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -30,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from dataloader import check_binary_label, list_images, read_gray  # noqa: E402
 from errors import DataError, check_output_dir, make_output_dir, run_main  # noqa: E402
 from metrics import pixel_error  # noqa: E402
+from plot import save_figure  # noqa: E402
 
 MEMBRANE_BGR = (255, 0, 255)  # magenta: stands out on grey, and for red-green colour blindness
 ALPHA = 0.45
@@ -116,17 +115,7 @@ def draw_figure(rows, labelled, out, dpi=100, palette=False):
             ax.set_title(f"{name}: {title}" if title == titles[0] else title, fontsize=10)
             ax.axis("off")
     fig.tight_layout()
-    try:
-        if palette:  # grey panels and one tint fit 256 colours; a noisy EM slice does not compress otherwise
-            buffer = io.BytesIO()
-            fig.savefig(buffer, format="png")
-            Image.open(buffer).convert("RGB").quantize(256).save(out, format="png", optimize=True)
-        else:
-            fig.savefig(out)
-    except OSError as e:
-        raise DataError(f"{out}: cannot write the figure ({e.strerror})") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, out, "the figure", palette)
 
 
 def main(argv=None):
