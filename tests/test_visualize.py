@@ -99,3 +99,10 @@ def test_test_sh_hands_the_results_folder_to_visualize(tmp_path, args, res):
     subprocess.run(["bash", "test.sh", *args], cwd=tmp_path, env=env, check=True)
     assert (tmp_path / "calls").read_text().splitlines() == [
         "get_data.py", " ".join(["predict_unet_test.py", *args]), f"visualize.py --res_path {res}"]
+
+
+@pytest.mark.parametrize("palette", [[], ["--palette"]])
+def test_a_figure_that_cannot_be_written_is_one_line_naming_it(predicted, palette):
+    data, res = predicted
+    (res / "figure.png").mkdir()
+    assert_fails(run("visualize.py", "--res_path", res, *palette, check=False), res / "figure.png", "cannot write the figure")
