@@ -87,15 +87,14 @@ def stack_neighbours(ds, all_names):
     """Turn each 1xHxW slice of `ds` into 3xHxW (slice above, slice, slice below), within `ds`'s own runs
     of consecutive slices, mirrored at their ends (augment.elastic_deform warps all three alike)."""
     position = [all_names.index(n) for n in ds.names]
-    for store in (ds.raw, ds.images):
-        old = list(store)
-        for k, pos in enumerate(position):
-            before = k > 0 and position[k - 1] == pos - 1
-            after = k + 1 < len(position) and position[k + 1] == pos + 1
-            up = k - 1 if before else k + 1 if after else k
-            down = k + 1 if after else k - 1 if before else k
-            store[k] = np.concatenate([old[up], old[k], old[down]])
-    ds.images = [dataloader.standardize(x) for x in ds.raw]
+    old = list(ds.raw)
+    for k, pos in enumerate(position):
+        before = k > 0 and position[k - 1] == pos - 1
+        after = k + 1 < len(position) and position[k + 1] == pos + 1
+        up = k - 1 if before else k + 1 if after else k
+        down = k + 1 if after else k - 1 if before else k
+        ds.raw[k] = np.concatenate([old[up], old[k], old[down]])
+    ds.images = [dataloader.standardize(x) for x in ds.raw]  # the stack standardised as one, as training's augment path does
 
 
 def main(argv=None):
