@@ -1,10 +1,11 @@
 """ISBI 2012 evaluation: pixel error and the foreground-restricted Rand and information scores.
 
     python3 metrics.py --prob_dir results/prob --label_dir data/train/label
+    python3 metrics.py --prob_dir runs/s0/prob runs/s1/prob runs/s2/prob --label_dir VAL/label   # an ensemble
 
 Pairs `prob_dir/NAME.png` (cell probability x 255, as written by predict_unet_test.py) with
 `label_dir/NAME.png` (255 = cell, 0 = membrane) and prints V_rand, V_info and pixel error per slice and
-for the stack. V_rand and V_info follow the challenge (Arganda-Carreras et al. 2015, Front. Neuroanat.
+for the stack. Given several prob_dirs, it scores the mean of their maps. V_rand and V_info follow the challenge (Arganda-Carreras et al. 2015, Front. Neuroanat.
 9:142; Fiji's "Segmentation evaluation"): the probability map is thresholded at 0.0, 0.1, ..., 1.0,
 cells become 4-connected components, boundaries are thinned to 1 px, and each score is the maximum over
 thresholds, each score maximised on its own. Higher is better for V_rand and V_info, lower for pixel error.
@@ -122,18 +123,26 @@ def evaluate_slices(probs, labels, thresholds=THRESHOLDS):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prob_dir", "--prob-dir", required=True, help="cell probability x 255 PNGs (e.g. results/prob)")
+    p.add_argument("--prob_dir", "--prob-dir", nargs="+", required=True,
+                   help="cell probability x 255 PNGs (e.g. results/prob); several: score the mean of their maps")
     p.add_argument("--label_dir", "--label-dir", required=True, help="label PNGs with the same file names")
     args = p.parse_args(argv)
-    names = sorted(set(list_images(args.prob_dir)) & set(list_images(args.label_dir)), key=natural_key)
+    first = args.prob_dir[0]
+    names = sorted(set(list_images(first)) & set(list_images(args.label_dir)), key=natural_key)
     if not names:
-        raise DataError(f"{args.prob_dir}: no image file names in common with {args.label_dir}")
+        raise DataError(f"{first}: no image file names in common with {args.label_dir}")
+    for prob_dir in args.prob_dir[1:]:  # an ensemble scores the same slices from every member
+        missing = sorted(set(names) - set(list_images(prob_dir)), key=natural_key)
+        if missing:
+            raise DataError(f"{os.path.join(prob_dir, missing[0])}: missing, but {first} has it")
     probs, labels = [], []
     for name in names:
-        prob, label = read_gray(os.path.join(args.prob_dir, name)), read_gray(os.path.join(args.label_dir, name))
-        if prob.shape != label.shape:
-            raise DataError(f"{os.path.join(args.prob_dir, name)}: size {prob.shape} differs from its label's {label.shape}")
-        probs.append(prob / 255.0)
+        label = read_gray(os.path.join(args.label_dir, name))
+        maps = [read_gray(os.path.join(prob_dir, name)) for prob_dir in args.prob_dir]
+        for prob_dir, prob in zip(args.prob_dir, maps):
+            if prob.shape != label.shape:
+                raise DataError(f"{os.path.join(prob_dir, name)}: size {prob.shape} differs from its label's {label.shape}")
+        probs.append(np.mean(maps, axis=0) / 255.0)
         labels.append(label)
     print_scores(names, probs, labels)
 

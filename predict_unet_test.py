@@ -4,12 +4,14 @@
     python3 predict_unet_test.py --tta                      # + average over the 8 flips/rotations (8x slower)
     python3 predict_unet_test.py --tile 256 --overlap 64    # overlap-tile inference, for any image size
     python3 predict_unet_test.py --Test_Data_path data/train/image --label_path data/train/label   # + scores
+    python3 predict_unet_test.py --checkpoint checkpoints/seed0/last checkpoints/seed1/last checkpoints/seed2/last  # ensemble
 
 For every input NAME.png it writes save_res_path/NAME.png, the binary mask in the label convention
 (255 = cell, 0 = membrane), and save_res_path/prob/NAME.png, the cell probability x 255 (uint8); when
 all slices share one size, also save_res_path/submission.tif, the ISBI 2012 submission stack (32-bit
 float cell probabilities, 0 = membrane). With --label_path it prints V_rand, V_info and pixel error
-per slice and for the stack (metrics.py). The model is rebuilt from the checkpoint alone.
+per slice and for the stack (metrics.py). The model is rebuilt from the checkpoint alone; given several
+checkpoints, their cell probabilities are averaged (an ensemble, e.g. of runs with different --seed).
 save_res_path/run.json records the checkpoint, the settings and the versions, device and code commit
 that produced the masks.
 """
@@ -34,7 +36,8 @@ from tiling import check_tiling, predict_tiled, write_isbi_tiff
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/best", help="checkpoint directory written by TrainUnetDataSet.py")
+    p.add_argument("--checkpoint", nargs="+", default=["checkpoints/best"],
+                   help="checkpoint directory written by TrainUnetDataSet.py; several: average their probabilities")
     p.add_argument("--Test_Data_path", "--test-data-path", default="data/test", help="folder of images to segment")
     p.add_argument("--save_res_path", "--save-res-path", default="results", help="output folder for masks (and prob/ for probabilities)")
     p.add_argument("--threshold", type=float, default=0.5, help="cell probability at or above which a pixel is cell")
@@ -49,13 +52,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def probability_fn(model, device, graph=False):
-    """numpy Nx1xhxw float32 -> cell probabilities of the same shape, for tiling.predict_tiled."""
-    run = InferenceGraphs(model) if graph else model
+def probability_fn(models, device, graph=False):
+    """numpy Nx1xhxw float32 -> cell probabilities of the same shape (the mean over `models`), for tiling.predict_tiled."""
+    runs = [InferenceGraphs(m) if graph else m for m in models]
 
     def forward(batch):
         with flow.no_grad():
-            return flow.sigmoid(run(flow.tensor(batch, device=device))).numpy()
+            x = flow.tensor(batch, device=device)
+            return (sum(flow.sigmoid(run(x)) for run in runs) / len(runs)).numpy()
     return forward
 
 
@@ -77,11 +81,11 @@ def read_labels(label_path, names, images):
 _worker = {}
 
 
-def init_worker(checkpoint, device_name, graph, tile, overlap, tta):
-    """Runs once in each worker process: its own model, and the settings every slice shares."""
+def init_worker(checkpoints, device_name, graph, tile, overlap, tta):
+    """Runs once in each worker process: its own models, and the settings every slice shares."""
     device = flow.device(device_name)
-    model, _ = load_model(checkpoint, device)
-    _worker.update(forward=probability_fn(model, device, graph), tile=tile, overlap=overlap, tta=tta)
+    models = [load_model(c, device)[0] for c in checkpoints]
+    _worker.update(forward=probability_fn(models, device, graph), tile=tile, overlap=overlap, tta=tta)
 
 
 def predict_in_worker(image):
@@ -106,8 +110,11 @@ def write_png(path, array):
         raise DataError(f"{path}: could not be written")
 
 
-def write_run_record(args, state, device):
-    record = {"args": vars(args), "checkpoint_epoch": state.get("epoch"), "model_config": state["model_config"],
+def write_run_record(args, states, device):
+    one = len(states) == 1  # a single checkpoint keeps scalar fields; an ensemble lists one entry per checkpoint
+    epochs, configs = [s.get("epoch") for s in states], [s["model_config"] for s in states]
+    record = {"args": {**vars(args), "checkpoint": args.checkpoint[0] if one else args.checkpoint},
+              "checkpoint_epoch": epochs[0] if one else epochs, "model_config": configs[0] if one else configs,
               **run_record(device)}
     with open(os.path.join(args.save_res_path, "run.json"), "w") as f:
         json.dump(record, f, indent=2)
@@ -131,7 +138,7 @@ def main(argv=None):
         args.workers = 1 if cuda else max(1, min(4, len(os.sched_getaffinity(0)), len(images)))
     if args.workers < 1:
         raise DataError(f"--workers must be at least 1, got {args.workers}")
-    _, state = load_model(args.checkpoint, device)  # checked here, so a bad checkpoint fails before any output
+    states = [load_model(c, device)[1] for c in args.checkpoint]  # checked here, so a bad one fails before any output
     prob_dir = os.path.join(args.save_res_path, "prob")
     make_output_dir(prob_dir, "--save_res_path")
 
@@ -145,9 +152,11 @@ def main(argv=None):
     seconds = time.time() - t0
     if len({p.shape for p in probs}) == 1:
         write_isbi_tiff(os.path.join(args.save_res_path, "submission.tif"), probs)
-    write_run_record(args, state, device)
+    write_run_record(args, states, device)
+    model = (f"UNet{states[0]['model_config']}, epoch {states[0].get('epoch')}" if len(states) == 1
+             else f"mean of {len(states)} checkpoints, epochs {', '.join(str(s.get('epoch')) for s in states)}")
     print(f"{len(names)} masks in {args.save_res_path}/, probabilities in {prob_dir}/ "
-          f"(UNet{state['model_config']}, epoch {state.get('epoch')}, {seconds:.1f}s on {device} x {args.workers} process(es)"
+          f"({model}, {seconds:.1f}s on {device} x {args.workers} process(es)"
           f"{', tiles ' + str(args.tile) if args.tile else ''}{', TTA' if args.tta else ''}{', graph' if args.graph else ''})")
     if labels is not None:
         print_scores(names, probs, labels)

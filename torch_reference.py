@@ -4,6 +4,7 @@
     /path/to/python-with-torch torch_reference.py --steps 1200 --eval_every 300    # about 20 min here
     /path/to/python-with-torch torch_reference.py --elastic 0 --no_jitter --seed 1 # an ablation
     /path/to/python-with-torch torch_reference.py --val_start 10 --threads 1       # hold out slices 10-14
+    /path/to/python-with-torch torch_reference.py --seed 1 --save_prob runs/s1     # keep the maps (metrics.py scores them)
 
 Needs torch, numpy and opencv-python-headless, not OneFlow: it runs this repo's own data pipeline
 (`dataloader.py`, `augment.py`, with the oneflow import stubbed) and inference (`tiling.py`), the U-Net shape of benchmark.torch_unet
@@ -59,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--tta", action="store_true", help="also score with 8-fold test-time averaging")
     p.add_argument("--eval_every", type=int, default=0, help="also print scores every N steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--save_prob", default="", help="also write the last step's held-out cell probabilities (no TTA) as DIR/NAME.png (x 255, as predict_unet_test.py's prob/), for metrics.py")
     return p.parse_args(argv)
 
 
@@ -156,8 +158,10 @@ def main(argv=None):
         for b in bns:
             b.momentum = 0.1
         labels = [(l[0] * 255).astype(np.uint8) for l in val.labels]
+        last_probs[:] = probs
         return {k: round(v, 4) for k, v in metrics.evaluate_slices(probs, labels).items()}
 
+    last_probs = []
     step, epoch, t0 = 0, 0, time.time()
     model.train()
     while step < a.steps:
@@ -183,6 +187,11 @@ def main(argv=None):
                 print(json.dumps(dict(step=step, loss=round(loss.item(), 4), **evaluate(model, False))), flush=True)
         epoch += 1
     out = dict(steps=a.steps, seconds=round(time.time() - t0), **evaluate(model, False))
+    if a.save_prob:
+        import cv2
+        os.makedirs(a.save_prob, exist_ok=True)
+        for name, prob in zip(held, last_probs):
+            cv2.imwrite(os.path.join(a.save_prob, os.path.splitext(name)[0] + ".png"), np.round(prob * 255).astype(np.uint8))
     if a.tta:
         out["tta"] = evaluate(model, True)
     if ema is not None:

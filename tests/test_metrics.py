@@ -133,3 +133,24 @@ def test_cli_missing_folder(tmp_path):
     proc = run("metrics.py", "--prob_dir", tmp_path / "nowhere", "--label_dir", tmp_path / "label", check=False)
     assert_fails(proc, tmp_path / "nowhere")
     assert proc.stdout == ""
+
+
+def test_cli_scores_the_mean_of_several_prob_dirs(tmp_path):
+    label = grid_label()
+    cell = label > 127
+    (tmp_path / "label").mkdir()
+    cv2.imwrite(str(tmp_path / "label" / "0.png"), label)
+    # "a" is 170 everywhere (no cell boundary at any threshold), "b" 100 on cells and 0 on membranes (perfect
+    # for t <= 0.3). Their mean, 135 on cells and 85 on membranes, is perfect for t = 0.4 and 0.5 only.
+    for name, on_cells, on_membranes in (("a", 170, 170), ("b", 100, 0)):
+        (tmp_path / name).mkdir()
+        cv2.imwrite(str(tmp_path / name / "0.png"), np.where(cell, on_cells, on_membranes).astype(np.uint8))
+    last = lambda *dirs: run("metrics.py", "--prob_dir", *[tmp_path / d for d in dirs], "--label_dir",
+                             tmp_path / "label").stdout.strip().splitlines()[-1].split()
+    assert last("a")[1:3] == ["0.4000", "0.0"] and last("b")[1:3] == ["1.0000", "0.0"]
+    assert last("a", "b")[:5] == ["mean", "1.0000", "0.4", "1.0000", "0.4"]
+
+    (tmp_path / "c").mkdir()
+    cv2.imwrite(str(tmp_path / "c" / "1.png"), label)
+    proc = run("metrics.py", "--prob_dir", tmp_path / "a", tmp_path / "c", "--label_dir", tmp_path / "label", check=False)
+    assert_fails(proc, tmp_path / "c" / "0.png", "missing")

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import TINY, run
+from conftest import TINY, assert_fails, run
 from errors import DataError
 
 
@@ -170,3 +170,27 @@ def test_prediction_workers_write_the_same_results_as_one_process(data, tmp_path
     assert (tmp_path / "w1" / "submission.tif").read_bytes() == (tmp_path / "w2" / "submission.tif").read_bytes()
     for i in range(3):
         assert (tmp_path / "w1" / f"{i}.png").read_bytes() == (tmp_path / "w2" / f"{i}.png").read_bytes()
+
+
+def test_several_checkpoints_average_their_probabilities(data, tmp_path):
+    ckpts = [tmp_path / f"seed{s}" for s in (0, 1)]
+    for seed, ckpt in zip((0, 1), ckpts):
+        run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, *TINY, "--seed", seed)
+    pages = {}
+    for name, chosen in {"a": ckpts[:1], "b": ckpts[1:], "ab": ckpts}.items():
+        out = run("predict_unet_test.py", "--checkpoint", *[c / "last" for c in chosen], "--Test_Data_path", f"{data}/test",
+                  "--save_res_path", tmp_path / name, "--workers", 1).stdout
+        ok, pages[name] = cv2.imreadmulti(str(tmp_path / name / "submission.tif"), flags=cv2.IMREAD_UNCHANGED)
+        assert ok and len(pages[name]) == 3
+    assert "mean of 2 checkpoints, epochs 1, 1" in out
+    for a, b, ab in zip(pages["a"], pages["b"], pages["ab"]):
+        assert np.abs(a - b).mean() > 1e-3  # two seeds, two different models
+        np.testing.assert_allclose(ab, (a + b) / 2, atol=1e-5)
+    record = json.loads((tmp_path / "ab" / "run.json").read_text())
+    assert record["args"]["checkpoint"] == [str(c / "last") for c in ckpts] and record["checkpoint_epoch"] == [1, 1]
+    assert [c["width"] for c in record["model_config"]] == [4, 4]
+
+    proc = run("predict_unet_test.py", "--checkpoint", ckpts[0] / "last", tmp_path / "none", "--Test_Data_path", f"{data}/test",
+               "--save_res_path", tmp_path / "bad", check=False)
+    assert_fails(proc, tmp_path / "none")
+    assert not (tmp_path / "bad").exists()  # a bad checkpoint anywhere in the list: nothing written
