@@ -5,8 +5,9 @@
 
 Pairs `prob_dir/NAME.png` (cell probability x 255, as written by predict_unet_test.py) with
 `label_dir/NAME.png` (255 = cell, 0 = membrane) and prints V_rand, V_info and pixel error per slice and
-for the stack. Given several prob_dirs, it scores the mean of their maps. V_rand and V_info follow the challenge (Arganda-Carreras et al. 2015, Front. Neuroanat.
-9:142; Fiji's "Segmentation evaluation"): the probability map is thresholded at 0.0, 0.1, ..., 1.0,
+for the stack; given several prob_dirs, it scores the mean of their maps (an ensemble). V_rand and V_info
+follow the challenge (Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142; Fiji's "Segmentation
+evaluation"): the probability map is thresholded at 0.0, 0.1, ..., 1.0,
 cells become 4-connected components, boundaries are thinned to 1 px, and each score is the maximum over
 thresholds, each score maximised on its own. Higher is better for V_rand and V_info, lower for pixel error.
 """
