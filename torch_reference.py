@@ -5,6 +5,7 @@
     /path/to/python-with-torch torch_reference.py --elastic 0 --no_jitter --seed 1 # an ablation
     /path/to/python-with-torch torch_reference.py --val_start 10 --threads 1       # hold out slices 10-14
     /path/to/python-with-torch torch_reference.py --seed 1 --save_prob runs/s1     # keep the maps (metrics.py scores them)
+    /path/to/python-with-torch torch_reference.py --steps 2400 --eval_every 300 --score_train  # fit vs held-out
 
 Needs torch, numpy and opencv-python-headless, not OneFlow: it runs this repo's own data pipeline
 (`dataloader.py`, `augment.py`, with the oneflow import stubbed) and inference (`tiling.py`), the U-Net shape of benchmark.torch_unet
@@ -60,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--tta", action="store_true", help="also score with 8-fold test-time averaging")
     p.add_argument("--eval_every", type=int, default=0, help="also print scores every N steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--score_train", action="store_true", help="also score the training slices themselves (whole, unaugmented): how well the model fits what it trained on")
     p.add_argument("--save_prob", default="", help="also write the last step's held-out cell probabilities (no TTA) as DIR/NAME.png (x 255, as predict_unet_test.py's prob/), for metrics.py")
     return p.parse_args(argv)
 
@@ -119,10 +121,13 @@ def main(argv=None):
     train = dataloader.SelfDataSet(image_dir, label_dir, names=train_names, augment=True, crop_size=a.crop,
                                    seed=a.seed, elastic_sigma=a.elastic, border_weight=a.border_weight, samples_per_slice=4)
     val = dataloader.SelfDataSet(image_dir, label_dir, names=held)
+    seen = dataloader.SelfDataSet(image_dir, label_dir, names=train_names) if a.score_train else None
     model = torch_unet(a.width)
     if a.neighbours:
         stack_neighbours(train, names)
         stack_neighbours(val, names)
+        if seen is not None:
+            stack_neighbours(seen, names)
         model.inc[0] = torch.nn.Conv2d(3, a.width, 3, padding=1, bias=False)
     ema = copy.deepcopy(model) if a.ema else None
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
@@ -138,7 +143,8 @@ def main(argv=None):
             return loss + dice
         return loss + 0.5 * dice + 0.5 * cldice_loss(membrane, target, a.cldice_iter)
 
-    def evaluate(net, tta):
+    def evaluate(net, tta, ds=None):
+        ds = val if ds is None else ds
         bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         for b in bns:
             b.reset_running_stats()
@@ -151,15 +157,19 @@ def main(argv=None):
             forward = lambda batch: torch.sigmoid(net(torch.from_numpy(batch))).numpy()
             # Whole slices, as predict_unet_test.py's default (--tile 0) and its TTA.
             if a.neighbours:  # tiling.py takes 1xHxW; ISBI's 512x512 passes whole (a multiple of 16)
-                probs = [forward(img[None])[0, 0] for img in val.images]
+                probs = [forward(img[None])[0, 0] for img in ds.images]
             else:
-                probs = [tiling.predict_tiled(forward, img, tile=0, tta=tta)[0] for img in val.images]
+                probs = [tiling.predict_tiled(forward, img, tile=0, tta=tta)[0] for img in ds.images]
         net.train()
         for b in bns:
             b.momentum = 0.1
-        labels = [(l[0] * 255).astype(np.uint8) for l in val.labels]
-        last_probs[:] = probs
-        return {k: round(v, 4) for k, v in metrics.evaluate_slices(probs, labels).items()}
+        labels = [(l[0] * 255).astype(np.uint8) for l in ds.labels]
+        if ds is val:
+            last_probs[:] = probs
+        scores = {k: round(v, 4) for k, v in metrics.evaluate_slices(probs, labels).items()}
+        if seen is not None and ds is val:
+            scores["train"] = evaluate(net, False, seen)
+        return scores
 
     last_probs = []
     step, epoch, t0 = 0, 0, time.time()
