@@ -143,8 +143,7 @@ def main(argv=None):
             return loss + dice
         return loss + 0.5 * dice + 0.5 * cldice_loss(membrane, target, a.cldice_iter)
 
-    def evaluate(net, tta, ds=None):
-        ds = val if ds is None else ds
+    def evaluate(net, tta):
         bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         for b in bns:
             b.reset_running_stats()
@@ -155,21 +154,25 @@ def main(argv=None):
                 net(torch.from_numpy(train.images[i][None]))
             net.eval()
             forward = lambda batch: torch.sigmoid(net(torch.from_numpy(batch))).numpy()
-            # Whole slices, as predict_unet_test.py's default (--tile 0) and its TTA.
-            if a.neighbours:  # tiling.py takes 1xHxW; ISBI's 512x512 passes whole (a multiple of 16)
-                probs = [forward(img[None])[0, 0] for img in ds.images]
-            else:
-                probs = [tiling.predict_tiled(forward, img, tile=0, tta=tta)[0] for img in ds.images]
+
+            def predict(ds, tta):
+                # Whole slices, as predict_unet_test.py's default (--tile 0) and its TTA.
+                if a.neighbours:  # tiling.py takes 1xHxW; ISBI's 512x512 passes whole (a multiple of 16)
+                    return [forward(img[None])[0, 0] for img in ds.images]
+                return [tiling.predict_tiled(forward, img, tile=0, tta=tta)[0] for img in ds.images]
+            last_probs[:] = predict(val, tta)
+            seen_probs = predict(seen, False) if seen is not None else None
         net.train()
         for b in bns:
             b.momentum = 0.1
-        labels = [(l[0] * 255).astype(np.uint8) for l in ds.labels]
-        if ds is val:
-            last_probs[:] = probs
-        scores = {k: round(v, 4) for k, v in metrics.evaluate_slices(probs, labels).items()}
-        if seen is not None and ds is val:
-            scores["train"] = evaluate(net, False, seen)
+        scores = score(last_probs, val)
+        if seen is not None:
+            scores["train"] = score(seen_probs, seen)
         return scores
+
+    def score(probs, ds):
+        labels = [(l[0] * 255).astype(np.uint8) for l in ds.labels]
+        return {k: round(v, 4) for k, v in metrics.evaluate_slices(probs, labels).items()}
 
     last_probs = []
     step, epoch, t0 = 0, 0, time.time()
