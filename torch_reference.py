@@ -121,13 +121,12 @@ def main(argv=None):
     train = dataloader.SelfDataSet(image_dir, label_dir, names=train_names, augment=True, crop_size=a.crop,
                                    seed=a.seed, elastic_sigma=a.elastic, border_weight=a.border_weight, samples_per_slice=4)
     val = dataloader.SelfDataSet(image_dir, label_dir, names=held)
-    seen = dataloader.SelfDataSet(image_dir, label_dir, names=train_names) if a.score_train else None
+    # The training set's .images/.labels are its whole, unaugmented slices (augmentation happens per item).
+    seen = train if a.score_train else None
     model = torch_unet(a.width)
     if a.neighbours:
         stack_neighbours(train, names)
         stack_neighbours(val, names)
-        if seen is not None:
-            stack_neighbours(seen, names)
         model.inc[0] = torch.nn.Conv2d(3, a.width, 3, padding=1, bias=False)
     ema = copy.deepcopy(model) if a.ema else None
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
