@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--no_jitter", action="store_true", help="switch the intensity jitter off")
     p.add_argument("--loss", choices=["bce", "bce_dice", "bce_cldice"], default="bce_dice",
                    help="training loss (bce_cldice: BCE + half soft Dice + half clDice on the membrane class, Shit et al. 2021)")
+    p.add_argument("--topk", type=float, default=0, help="average the BCE term over only this fraction of each batch's pixels, the hardest (largest BCE); 0 = all pixels")
+    p.add_argument("--norm", choices=["bn", "gn"], default="bn", help="normalisation after each convolution: BatchNorm (unet.py's, with precise BN) or GroupNorm with 8 groups (the same at training and scoring)")
     p.add_argument("--cldice_iter", type=int, default=10, help="soft-skeleton iterations of clDice (> half the thickest membrane)")
     p.add_argument("--border_weight", type=float, default=0, help="w0 of the paper's border weight map (0 = off)")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="learning rate over the run")
@@ -124,6 +126,11 @@ def main(argv=None):
     # The training set's .images/.labels are its whole, unaugmented slices (augmentation happens per item).
     seen = train if a.score_train else None
     model = torch_unet(a.width)
+    if a.norm == "gn":  # evaluate()'s precise BN then finds no BatchNorm and leaves the model as trained
+        for module in list(model.modules()):
+            for name, child in module.named_children():
+                if isinstance(child, torch.nn.BatchNorm2d):
+                    setattr(module, name, torch.nn.GroupNorm(8, child.num_features))
     if a.neighbours:
         stack_neighbours(train, names)
         stack_neighbours(val, names)
@@ -133,7 +140,11 @@ def main(argv=None):
 
     def loss_fn(logits, label, weight=None):
         bce = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
-        loss = bce.mean() if weight is None else (bce * weight).mean()
+        if weight is not None:
+            bce = bce * weight
+        if a.topk:
+            bce = bce.flatten().topk(max(1, int(a.topk * bce.numel()))).values
+        loss = bce.mean()
         if a.loss == "bce":
             return loss
         membrane, target = 1 - torch.sigmoid(logits), 1 - label
