@@ -57,7 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--norm", choices=["bn", "gn"], default="bn", help="normalisation after each convolution: BatchNorm (unet.py's, with precise BN) or GroupNorm with 8 groups (the same at training and scoring)")
     p.add_argument("--cldice_iter", type=int, default=10, help="soft-skeleton iterations of clDice (> half the thickest membrane)")
     p.add_argument("--border_weight", type=float, default=0, help="w0 of the paper's border weight map (0 = off)")
-    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="learning rate over the run")
+    p.add_argument("--schedule", choices=["cosine", "poly", "constant"], default="cosine",
+                   help="learning rate over the run: cosine decay to 0, poly (1 - step/steps)^0.9, or constant")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="Adam, or the U-Net paper's SGD with --momentum")
+    p.add_argument("--momentum", type=float, default=0.99, help="SGD momentum (the paper's 0.99); only with --optimizer sgd")
     p.add_argument("--ema", type=float, default=0, help="also score an exponential moving average of the weights with this decay")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
     p.add_argument("--tta", action="store_true", help="also score with 8-fold test-time averaging")
@@ -136,7 +139,10 @@ def main(argv=None):
         stack_neighbours(val, names)
         model.inc[0] = torch.nn.Conv2d(3, a.width, 3, padding=1, bias=False)
     ema = copy.deepcopy(model) if a.ema else None
-    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    if a.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=a.lr)
 
     def loss_fn(logits, label, weight=None):
         bce = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
@@ -194,7 +200,8 @@ def main(argv=None):
             if step >= a.steps:
                 break
             arrays = [torch.from_numpy(np.stack(z)) for z in zip(*(train[i] for i in order[s:s + a.batch]))]
-            lr = a.lr * 0.5 * (1 + np.cos(np.pi * step / a.steps)) if a.schedule == "cosine" else a.lr
+            lr = a.lr * {"cosine": 0.5 * (1 + np.cos(np.pi * step / a.steps)), "poly": (1 - step / a.steps) ** 0.9,
+                         "constant": 1.0}[a.schedule]
             for group in opt.param_groups:
                 group["lr"] = lr
             loss = loss_fn(model(arrays[0]), *arrays[1:])
