@@ -4,6 +4,7 @@
     python3 benchmark.py --setting cpu --steps 3             # only the 2-core CPU recipe's shapes
     python3 benchmark.py --torch_python /opt/torch/bin/python3   # + the same U-Net in PyTorch and the ratio
     python3 benchmark.py --device cuda --amp                 # on a GPU: + graph with mixed precision
+    python3 benchmark.py --setting cpu --modes ddp2,graph_ddp2 --width 8   # data-parallel graph; another width
 
 Settings: `cpu` is the CPU recipe (width 16, 256x256 crops, batch 4); `article` is the article's model
 (width 64, whole 512x512 slices, batch 1). A training step is forward + BCE loss + backward + Adam on
@@ -11,6 +12,8 @@ random data; inference is one slice at batch 1 with no gradient. Every mode runs
 (so peak memory, the resident set's high-water mark on CPU, is its own) and reports the median of
 --steps timed steps after --warmup untimed ones. `ddp2` is two processes under OneFlow's launcher, each
 with half the batch, the way `NPROC=2 bash train.sh` trains; its images/s counts both processes.
+`graph_ddp2` is the same through one data-parallel nn.Graph: the model as global tensors broadcast to both
+processes, each batch split between them (the scripts do not train this way; see README, Speed).
 PyTorch runs with its default threads; its U-Net mirrors unet.py layer for layer (parameter counts are
 printed to show it). Results are printed as a table; --json also writes them to a file.
 """
@@ -30,7 +33,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=["all", *SETTINGS], default="all", help="which model/input shapes to time")
-    p.add_argument("--modes", default="eager,graph,ddp2", help="comma-separated OneFlow modes: eager, graph, ddp2 (and graph_amp on CUDA with --amp)")
+    p.add_argument("--modes", default="eager,graph,ddp2", help="comma-separated OneFlow modes: eager, graph, ddp2, graph_ddp2 (and graph_amp on CUDA with --amp)")
+    p.add_argument("--width", type=int, help="U-Net channels at the first level instead of the setting's (16 for cpu, 64 for article)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (graph compilation happens here)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -67,7 +71,7 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def oneflow_worker(mode, setting, steps, warmup, device_name):
+def oneflow_worker(mode, setting, steps, warmup, device_name, width):
     import oneflow as flow
 
     sys.path.insert(0, HERE)
@@ -80,15 +84,20 @@ def oneflow_worker(mode, setting, steps, warmup, device_name):
     s = SETTINGS[setting]
     batch = max(1, s["batch"] // world)  # ddp2 splits the batch; a batch of 1 becomes 1 per process
     flow.manual_seed(0)
-    model = UNet(1, 1, width=s["width"]).to(device)
+    model = UNet(1, 1, width=width or s["width"]).to(device)
     params = sum(p.numel() for p in model.parameters())
-    optimizer = flow.optim.Adam(model.parameters(), lr=1e-4)
-    criterion = SegmentationLoss("bce")
     x = flow.rand(batch, 1, s["size"], s["size"], device=device)
     y = (flow.rand(batch, 1, s["size"], s["size"], device=device) > 0.5).float()
     sync = lambda t: t.numpy()
     if mode == "ddp2":
         model = flow.nn.parallel.DistributedDataParallel(model)
+    if mode == "graph_ddp2":  # global tensors: gradients of the broadcast weights are summed over the split batch
+        placement = flow.placement(device.type, ranks=list(range(world)))
+        model = model.to_global(placement=placement, sbp=flow.sbp.broadcast)
+        x, y = (t.to_global(placement=placement, sbp=flow.sbp.split(0)) for t in (x, y))
+        sync = lambda t: t.to_local().numpy()
+    optimizer = flow.optim.Adam(model.parameters(), lr=1e-4)
+    criterion = SegmentationLoss("bce")
     if mode.startswith("graph"):
         graph = TrainGraph(model, criterion, optimizer, amp=mode == "graph_amp")
         train_step = lambda: graph(x, y)
@@ -96,15 +105,22 @@ def oneflow_worker(mode, setting, steps, warmup, device_name):
         train_step = eager_train_step(model, criterion, optimizer, x, y)
     train = timed(train_step, steps, warmup, sync)
     infer = None
-    if mode != "ddp2":  # inference is one process's business
+    if not mode.endswith("ddp2"):  # inference is one process's business
         model.eval()
         run = InferenceGraphs(model, amp=mode == "graph_amp") if mode.startswith("graph") else model
         x1 = flow.rand(1, 1, s["size"], s["size"], device=device)
         with flow.no_grad():
             infer = timed(lambda: run(x1), steps, warmup, sync)
+    replicas_agree = None
+    if mode.endswith("ddp2"):  # data parallelism must leave every process with the same weights
+        checksum = sum(float((p.to_local() if p.is_global else p).numpy().astype("float64").sum()) for p in model.parameters())
+        gathered = [flow.zeros(1, dtype=flow.float64) for _ in range(world)]
+        flow.comm.all_gather(gathered, flow.tensor([checksum], dtype=flow.float64))
+        replicas_agree = all(float(g) == checksum for g in gathered)
     if rank == 0:
         print(json.dumps(dict(framework="oneflow", version=flow.__version__, mode=mode, setting=setting, params=params,
-                              train_s=train, images=batch * world, infer_s=infer, peak_mb=peak_memory_mb())), flush=True)
+                              train_s=train, images=batch * world, infer_s=infer, peak_mb=peak_memory_mb(),
+                              replicas_agree=replicas_agree)), flush=True)
 
 
 def torch_unet(width):
@@ -137,13 +153,13 @@ def torch_unet(width):
     return Net()
 
 
-def torch_worker(setting, steps, warmup, device_name):
+def torch_worker(setting, steps, warmup, device_name, width):
     import torch
 
     s = SETTINGS[setting]
     device = torch.device(device_name)
     torch.manual_seed(0)
-    model = torch_unet(s["width"]).to(device)
+    model = torch_unet(width or s["width"]).to(device)
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     criterion = torch.nn.BCEWithLogitsLoss()
@@ -162,7 +178,8 @@ def torch_worker(setting, steps, warmup, device_name):
 
 def run_worker(python, spec, args, launcher=False):
     cmd = [python, *(["-m", "oneflow.distributed.launch", "--nproc_per_node", "2", "--master_port", str(29600 + os.getpid() % 300)] if launcher else []),
-           os.path.abspath(__file__), "--worker", spec, "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+           os.path.abspath(__file__), "--worker", spec, "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+           *(["--width", str(args.width)] if args.width else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -190,10 +207,12 @@ def main(argv=None):
     if args.worker:
         framework, mode, setting = args.worker.split(":")
         if framework == "torch":
-            return torch_worker(setting, args.steps, args.warmup, args.device)
-        return oneflow_worker(mode, setting, args.steps, args.warmup, args.device)
+            return torch_worker(setting, args.steps, args.warmup, args.device, args.width)
+        return oneflow_worker(mode, setting, args.steps, args.warmup, args.device, args.width)
     if args.steps < 1 or args.warmup < 0:
         sys.exit("error: --steps must be at least 1 and --warmup at least 0")
+    if args.width is not None and args.width < 1:
+        sys.exit(f"error: --width must be at least 1, got {args.width}")
     if args.amp and args.device != "cuda":
         sys.exit("error: --amp needs --device cuda")
     if args.torch_python and not os.path.exists(args.torch_python):
@@ -205,7 +224,7 @@ def main(argv=None):
         if args.torch_python:
             results.append(run_worker(args.torch_python, f"torch:eager:{setting}", args))
         for mode in modes:
-            results.append(run_worker(sys.executable, f"oneflow:{mode}:{setting}", args, launcher=mode == "ddp2"))
+            results.append(run_worker(sys.executable, f"oneflow:{mode}:{setting}", args, launcher=mode.endswith("ddp2")))
             print(f"... {setting} {mode} done", file=sys.stderr, flush=True)
     results = [r for r in results if r]
     print(f"{os.cpu_count()} CPU cores, device {args.device}, median of {args.steps} steps after {args.warmup} warm-up")

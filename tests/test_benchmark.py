@@ -1,4 +1,4 @@
-"""benchmark.py end to end: one real OneFlow eager step at the CPU recipe's shapes."""
+"""benchmark.py end to end: real OneFlow steps at the CPU recipe's shapes, one process and two."""
 import json
 
 from conftest import run
@@ -16,3 +16,17 @@ def test_benchmark_reports_a_row_and_json(tmp_path):
 def test_benchmark_rejects_a_missing_torch_interpreter(tmp_path):
     proc = run("benchmark.py", "--torch_python", tmp_path / "nope", check=False)
     assert proc.returncode != 0 and "no such interpreter" in proc.stderr
+
+
+def test_data_parallel_modes_leave_both_processes_with_the_same_weights(tmp_path):
+    run("benchmark.py", "--setting", "cpu", "--modes", "ddp2,graph_ddp2", "--width", 4, "--steps", 1, "--warmup", 1,
+        "--json", tmp_path / "bench.json")
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["mode"] for r in rows] == ["ddp2", "graph_ddp2"]
+    for r in rows:  # width 4: --width reached the model; the batch of 4 is split over the 2 processes
+        assert r["params"] == 122_021 and r["images"] == 4 and r["replicas_agree"] is True and r["infer_s"] is None
+
+
+def test_benchmark_rejects_a_zero_width():
+    proc = run("benchmark.py", "--width", 0, check=False)
+    assert proc.returncode != 0 and "--width must be at least 1" in proc.stderr
