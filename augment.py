@@ -84,7 +84,10 @@ def intensity_jitter(image, rng, brightness=0.1, contrast=0.1, gamma=0.1):
     g = rng.uniform(1.0 - gamma, 1.0 + gamma)
     c = rng.uniform(1.0 - contrast, 1.0 + contrast)
     b = rng.uniform(-brightness, brightness)
-    out = np.power(np.clip(image, 0.0, 1.0), g)  # clip first: a negative base has no real power
+    # clip first: a negative base has no real power. In float64, because NumPy's float32 power takes a
+    # different code path (and different last bits) on CPUs with AVX-512, so the same seed would draw
+    # different training data on different machines; float64 rounded to float32 agrees on both.
+    out = np.power(np.clip(image, 0.0, 1.0).astype(np.float64), g).astype(np.float32)
     mean = out.mean()
     out = (out - mean) * c + mean + b
     return np.clip(out, 0.0, 1.0).astype(np.float32)

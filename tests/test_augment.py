@@ -1,13 +1,17 @@
 """augment.py: expected values are worked out by hand in the comments."""
 import math
+import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
 import pytest
+from numpy.core._multiarray_umath import __cpu_features__
 
 from augment import (border_weight_map, class_balance, displacement_field, elastic_deform, intensity_jitter,
                      two_nearest_cell_distances)
-from conftest import make_slice
+from conftest import REPO, make_slice
 
 
 def sample(size=(64, 80), seed=0):
@@ -133,6 +137,25 @@ def test_gamma_alone_is_a_power():
     g = math.log(out.flat[0]) / math.log(image.flat[0])
     assert 0.9 <= g <= 1.1 and g != pytest.approx(1.0, abs=1e-4)
     np.testing.assert_allclose(out, image ** g, rtol=1e-5)
+
+
+AVX512 = "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL"
+
+
+def jitter_bytes(env_extra):
+    """intensity_jitter of a fixed image in a fresh process, with NumPy's CPU dispatch set by env_extra."""
+    code = ("import sys, numpy as np; sys.path.insert(0, sys.argv[1]); from augment import intensity_jitter; "
+            "x = np.random.default_rng(0).random((1, 128, 128), dtype=np.float32); "
+            "sys.stdout.buffer.write(b''.join(intensity_jitter(x, np.random.default_rng(s)).tobytes() for s in range(4)))")
+    env = {k: v for k, v in os.environ.items() if k != "NPY_DISABLE_CPU_FEATURES"}
+    proc = subprocess.run([sys.executable, "-c", code, REPO], env={**env, **env_extra}, capture_output=True, check=True)
+    return proc.stdout
+
+
+@pytest.mark.skipif(not __cpu_features__.get("AVX512F"), reason="needs a CPU with AVX-512 to compare it against AVX2")
+def test_jitter_is_bit_identical_without_avx512():
+    # NumPy's float32 power has AVX-512 code whose last bits differ from its AVX2 path (they did before float64).
+    assert jitter_bytes({"NPY_DISABLE_CPU_FEATURES": AVX512}) == jitter_bytes({})
 
 
 # --- border_weight_map ----------------------------------------------------------------------------
