@@ -43,13 +43,21 @@ def cuda_record():
     return record
 
 
-def cpu_name():
+def cpu_info():
+    """'model, N logical cores' and the SIMD flags that decide which kernels OpenBLAS and NumPy run."""
     try:
         with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+            lines = f.read().splitlines()
     except OSError:
-        names = []
-    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} logical cores"
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    return {
+        "cpu": f"{names[0] if names else platform.machine()}, {os.cpu_count()} logical cores",
+        "cpu_simd": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16") if f in flags],
+        # Kernels from another CPU's list train the same seed to other weights (README, Quality).
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE") or "chosen by CPU",
+    }
 
 
 def run_record(device=None, repo=REPO):
@@ -66,7 +74,7 @@ def run_record(device=None, repo=REPO):
         "opencv": cv2.__version__,
         **({"device": str(device)} if device is not None else {}),
         **cuda_record(),
-        "cpu": cpu_name(),
+        **cpu_info(),
         "git_commit": commit,
         "git_dirty": dirty,
         "hostname": socket.gethostname(),

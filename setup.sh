@@ -72,6 +72,16 @@ _make_venv() {
 case ":\${LD_LIBRARY_PATH:-}:" in *":$libs:"*) ;; *) export LD_LIBRARY_PATH="$libs\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" ;; esac
 EOF
     fi
+    # OpenBLAS (OneFlow's CPU convolutions run on its GEMM) picks its kernels by CPU model, and the AVX-512
+    # ones of newer CPUs sum in another order: the same seed then trains to other weights on those machines
+    # (README, Quality). Its AVX2 kernels run on every x86-64 CPU since 2013.
+    if ! grep -q "isbi-unet: blas kernels" "$_venv/bin/activate"; then
+        cat >> "$_venv/bin/activate" <<'EOF'
+
+# isbi-unet: blas kernels (added by setup.sh) - the same OpenBLAS kernels on every x86-64 CPU with AVX2, so a seed trains alike on all
+if [ -z "${OPENBLAS_CORETYPE:-}" ] && grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /proc/cpuinfo 2>/dev/null; then export OPENBLAS_CORETYPE=Haswell; fi
+EOF
+    fi
 }
 
 if _make_venv; then

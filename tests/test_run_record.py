@@ -1,5 +1,6 @@
 """Run records: training's config.json and prediction's run.json say what produced them."""
 import json
+import os
 import subprocess
 
 import oneflow as flow
@@ -19,6 +20,9 @@ def test_record_names_versions_device_commit_and_command():
     assert record["git_commit"] == git("rev-parse", "HEAD")
     assert record["git_dirty"] == bool(git("status", "--porcelain", "--untracked-files=no"))
     assert record["utc"].endswith("Z") and record["hostname"] and record["command"]
+    # which kernels ran: setup.sh pins OpenBLAS's on AVX2 CPUs, since they decide the trained weights
+    assert record["openblas_coretype"] == (os.environ.get("OPENBLAS_CORETYPE") or "chosen by CPU")
+    assert set(record["cpu_simd"]) <= {"avx2", "fma", "avx512f", "avx512_bf16"} and record["cpu"]
 
 
 def test_record_outside_a_git_checkout(tmp_path):

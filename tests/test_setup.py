@@ -1,8 +1,10 @@
-"""setup.sh: a clear refusal without a usable Python, and a venv whose activate alone makes OneFlow import."""
+"""setup.sh: a clear refusal without a usable Python, and a venv whose activate alone makes OneFlow import and pins its BLAS kernels."""
 import os
 import shutil
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO
 
@@ -32,3 +34,28 @@ def test_activated_venv_imports_oneflow_in_a_clean_environment():
                           env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "0.9.0"
+
+
+CONV = ("import hashlib, os, numpy as np, oneflow as flow; "
+        "x = flow.tensor(np.random.default_rng(0).standard_normal((2, 16, 32, 32), dtype=np.float32)); "
+        "w = flow.tensor(np.random.default_rng(1).standard_normal((16, 16, 3, 3), dtype=np.float32)); "
+        "y = flow._C.conv2d(x, w, None, stride=1, padding=1).numpy(); "
+        "print(os.environ.get('OPENBLAS_CORETYPE'), hashlib.sha1(y.tobytes()).hexdigest())")
+
+
+def test_activated_venv_runs_the_same_blas_kernels_on_every_avx2_cpu():
+    with open("/proc/cpuinfo") as f:
+        if not {"avx2", "fma"} <= set(f.read().split()):
+            pytest.skip("no AVX2: OpenBLAS keeps the kernels it picks for this CPU")
+    venv = os.path.dirname(os.path.dirname(sys.executable))
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "GLOG_minloglevel": "2"}
+
+    def conv(extra=""):
+        proc = subprocess.run(["bash", "-c", f'source {venv}/bin/activate && {extra} python3 -c "$CONV"'],
+                              capture_output=True, text=True, env={**env, "CONV": CONV})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    pinned = conv()
+    # AVX-512 CPUs (with BF16, as here) get kernels whose sums differ in the last bits from the AVX2 ones.
+    assert pinned == conv("OPENBLAS_CORETYPE=Haswell") and pinned[0] == "Haswell"
