@@ -55,7 +55,7 @@ def cpu_info():
     return {
         "cpu": f"{names[0] if names else platform.machine()}, {os.cpu_count()} logical cores",
         "cpu_simd": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16") if f in flags],
-        # Kernels from another CPU's list train the same seed to other weights (README, Quality).
+        # OpenBLAS's kernels decide the trained weights: setup.sh pins them on AVX2 CPUs (README, Training).
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE") or "chosen by CPU",
     }
 

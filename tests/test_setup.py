@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from run_record import cpu_info
 
 
 def test_no_suitable_python_is_a_clear_error(tmp_path):
@@ -27,13 +28,17 @@ def test_no_suitable_python_is_a_clear_error(tmp_path):
     assert not (repo / ".venv").exists()
 
 
-def test_activated_venv_imports_oneflow_in_a_clean_environment():
+def run_activated(command, **env):
+    """`command` in bash after sourcing this venv's activate, with nothing else in the environment but env."""
     venv = os.path.dirname(os.path.dirname(sys.executable))
-    script = f"source {venv}/bin/activate && python3 -c 'import oneflow; print(oneflow.__version__)'"
-    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")})
+    proc = subprocess.run(["bash", "-c", f"source {venv}/bin/activate && {command}"], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), **env})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "0.9.0"
+    return proc.stdout
+
+
+def test_activated_venv_imports_oneflow_in_a_clean_environment():
+    assert run_activated("python3 -c 'import oneflow; print(oneflow.__version__)'").strip() == "0.9.0"
 
 
 CONV = ("import hashlib, os, numpy as np, oneflow as flow; "
@@ -44,17 +49,11 @@ CONV = ("import hashlib, os, numpy as np, oneflow as flow; "
 
 
 def test_activated_venv_runs_the_same_blas_kernels_on_every_avx2_cpu():
-    with open("/proc/cpuinfo") as f:
-        if not {"avx2", "fma"} <= set(f.read().split()):
-            pytest.skip("no AVX2: OpenBLAS keeps the kernels it picks for this CPU")
-    venv = os.path.dirname(os.path.dirname(sys.executable))
-    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "GLOG_minloglevel": "2"}
+    if not {"avx2", "fma"} <= set(cpu_info()["cpu_simd"]):
+        pytest.skip("no AVX2: OpenBLAS keeps the kernels it picks for this CPU")
 
     def conv(extra=""):
-        proc = subprocess.run(["bash", "-c", f'source {venv}/bin/activate && {extra} python3 -c "$CONV"'],
-                              capture_output=True, text=True, env={**env, "CONV": CONV})
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout.split()
+        return run_activated(f'{extra} python3 -c "$CONV"', CONV=CONV, GLOG_minloglevel="2").split()
 
     pinned = conv()
     # AVX-512 CPUs (with BF16, as here) get kernels whose sums differ in the last bits from the AVX2 ones.
