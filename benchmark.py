@@ -13,7 +13,7 @@ random data; inference is one slice at batch 1 with no gradient. Every mode runs
 --steps timed steps after --warmup untimed ones. `ddp2` is two processes under OneFlow's launcher, each
 with half the batch, the way `NPROC=2 bash train.sh` trains; its images/s counts both processes.
 `graph_ddp2` is the same through one data-parallel nn.Graph: the model as global tensors broadcast to both
-processes, each batch split between them (the scripts do not train this way; see README, Speed).
+processes, each batch split between them (the scripts do not train this way; see docs/speed.md).
 PyTorch runs with its default threads; its U-Net mirrors unet.py layer for layer (parameter counts are
 printed to show it). Results are printed as a table; --json also writes them to a file.
 """

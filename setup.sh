@@ -74,7 +74,7 @@ EOF
     fi
     # OpenBLAS (OneFlow's CPU convolutions run on its GEMM) picks its kernels by CPU model, and the AVX-512
     # ones of newer CPUs sum in another order: the same seed then trains to other weights on those machines
-    # (README, Quality). Its AVX2 kernels run on every x86-64 CPU since 2013.
+    # (README, "The same numbers on another machine"). Its AVX2 kernels run on every x86-64 CPU since 2013.
     if ! grep -q "isbi-unet: blas kernels" "$_venv/bin/activate"; then
         cat >> "$_venv/bin/activate" <<'EOF'
 
