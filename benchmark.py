@@ -14,9 +14,10 @@ random data; inference is one slice at batch 1 with no gradient. Every mode runs
 with half the batch, the way `NPROC=2 bash train.sh` trains; its images/s counts both processes.
 `graph_ddp2` is the same through one data-parallel nn.Graph: the model as global tensors broadcast to both
 processes, each batch split between them (the scripts do not train this way; see docs/speed.md).
-PyTorch runs with its default threads; its U-Net mirrors unet.py layer for layer (parameter counts are
-printed to show it). Results are printed as a table; --json also writes them to a file.
+PyTorch runs with its default threads; its U-Net (tools/torch_unet.py) mirrors unet.py layer for layer
+(parameter counts are printed to show it). Results are printed as a table; --json also writes them to a file.
 """
+
 import argparse
 import json
 import os
@@ -28,18 +29,29 @@ import time
 
 SETTINGS = {"cpu": dict(width=16, size=256, batch=4), "article": dict(width=64, size=512, batch=1)}
 HERE = os.path.dirname(os.path.abspath(__file__))
+TORCH_WORKER = os.path.join(HERE, "tools", "torch_unet.py")  # the same U-Net in PyTorch, for --torch_python
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=["all", *SETTINGS], default="all", help="which model/input shapes to time")
-    p.add_argument("--modes", default="eager,graph,ddp2", help="comma-separated OneFlow modes: eager, graph, ddp2, graph_ddp2 (and graph_amp on CUDA with --amp)")
-    p.add_argument("--width", type=int, help="U-Net channels at the first level instead of the setting's (16 for cpu, 64 for article)")
+    p.add_argument(
+        "--modes",
+        default="eager,graph,ddp2",
+        help="comma-separated OneFlow modes: eager, graph, ddp2, graph_ddp2 (and graph_amp on CUDA with --amp)",
+    )
+    p.add_argument(
+        "--width",
+        type=int,
+        help="U-Net channels at the first level instead of the setting's (16 for cpu, 64 for article)",
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (graph compilation happens here)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--amp", action="store_true", help="also time graph mode with mixed precision (CUDA only)")
-    p.add_argument("--torch_python", "--torch-python", help="a Python interpreter with PyTorch: time the same U-Net there too")
+    p.add_argument(
+        "--torch_python", "--torch-python", help="a Python interpreter with PyTorch: time the same U-Net there too"
+    )
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: framework:mode:setting, prints one JSON line
     return p.parse_args(argv)
@@ -58,12 +70,14 @@ def timed(step, steps, warmup, sync):
 
 def eager_train_step(model, criterion, optimizer, x, y):
     """One step on fixed data; the same code drives OneFlow and PyTorch (their APIs agree here)."""
+
     def step():
         loss = criterion(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         return loss
+
     return step
 
 
@@ -75,8 +89,8 @@ def oneflow_worker(mode, setting, steps, warmup, device_name, width):
     import oneflow as flow
 
     sys.path.insert(0, HERE)
-    from graphs import InferenceGraphs, TrainGraph
-    from losses import SegmentationLoss
+    from isbi_unet.engine import InferenceGraphs, TrainGraph
+    from isbi_unet.losses import SegmentationLoss
     from unet import UNet
 
     rank, world = flow.env.get_rank(), flow.env.get_world_size()
@@ -113,75 +127,59 @@ def oneflow_worker(mode, setting, steps, warmup, device_name, width):
             infer = timed(lambda: run(x1), steps, warmup, sync)
     replicas_agree = None
     if mode.endswith("ddp2"):  # data parallelism must leave every process with the same weights
-        checksum = sum(float((p.to_local() if p.is_global else p).numpy().astype("float64").sum()) for p in model.parameters())
+        checksum = sum(
+            float((p.to_local() if p.is_global else p).numpy().astype("float64").sum()) for p in model.parameters()
+        )
         gathered = [flow.zeros(1, dtype=flow.float64) for _ in range(world)]
         flow.comm.all_gather(gathered, flow.tensor([checksum], dtype=flow.float64))
         replicas_agree = all(float(g) == checksum for g in gathered)
     if rank == 0:
-        print(json.dumps(dict(framework="oneflow", version=flow.__version__, mode=mode, setting=setting, params=params,
-                              train_s=train, images=batch * world, infer_s=infer, peak_mb=peak_memory_mb(),
-                              replicas_agree=replicas_agree)), flush=True)
-
-
-def torch_unet(width):
-    import torch.nn as nn
-    import torch
-
-    def double(i, o):
-        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
-                             nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            w = [width * 2 ** i for i in range(5)]
-            self.inc = double(1, w[0])
-            self.downs = nn.ModuleList(nn.Sequential(nn.MaxPool2d(2), double(w[i], w[i + 1])) for i in range(4))
-            self.ups = nn.ModuleList(nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2) for i in reversed(range(4)))
-            self.convs = nn.ModuleList(double(w[i + 1], w[i]) for i in reversed(range(4)))
-            self.outc = nn.Conv2d(w[0], 1, 1)
-
-        def forward(self, x):
-            skips = [self.inc(x)]
-            for down in self.downs:
-                skips.append(down(skips[-1]))
-            x = skips.pop()
-            for up, conv in zip(self.ups, self.convs):
-                x = conv(torch.cat([skips.pop(), up(x)], 1))
-            return self.outc(x)
-
-    return Net()
-
-
-def torch_worker(setting, steps, warmup, device_name, width):
-    import torch
-
-    s = SETTINGS[setting]
-    device = torch.device(device_name)
-    torch.manual_seed(0)
-    model = torch_unet(width or s["width"]).to(device)
-    params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    criterion = torch.nn.BCEWithLogitsLoss()
-    x = torch.rand(s["batch"], 1, s["size"], s["size"], device=device)
-    y = (torch.rand(s["batch"], 1, s["size"], s["size"], device=device) > 0.5).float()
-    sync = (lambda t: torch.cuda.synchronize()) if device.type == "cuda" else (lambda t: None)
-    train = timed(eager_train_step(model, criterion, optimizer, x, y), steps, warmup, sync)
-    model.eval()
-    x1 = torch.rand(1, 1, s["size"], s["size"], device=device)
-    with torch.no_grad():
-        infer = timed(lambda: model(x1), steps, warmup, sync)
-    print(json.dumps(dict(framework="pytorch", version=torch.__version__, mode=f"eager {torch.get_num_threads()} threads",
-                          setting=setting, params=params, train_s=train, images=s["batch"], infer_s=infer,
-                          peak_mb=peak_memory_mb())), flush=True)
+        print(
+            json.dumps(
+                dict(
+                    framework="oneflow",
+                    version=flow.__version__,
+                    mode=mode,
+                    setting=setting,
+                    params=params,
+                    train_s=train,
+                    images=batch * world,
+                    infer_s=infer,
+                    peak_mb=peak_memory_mb(),
+                    replicas_agree=replicas_agree,
+                )
+            ),
+            flush=True,
+        )
 
 
 def run_worker(python, spec, args, launcher=False):
-    cmd = [python, *(["-m", "oneflow.distributed.launch", "--nproc_per_node", "2", "--master_port", str(29600 + os.getpid() % 300)] if launcher else []),
-           os.path.abspath(__file__), "--worker", spec, "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-           *(["--width", str(args.width)] if args.width else [])]
+    """Runs one measurement in its own process (under the launcher for ddp2 modes); its JSON line, or None."""
+    launch = [
+        "-m",
+        "oneflow.distributed.launch",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29600 + os.getpid() % 300),
+    ]
+    script = TORCH_WORKER if spec.startswith("torch:") else os.path.abspath(__file__)
+    cmd = [
+        python,
+        *(launch if launcher else []),
+        script,
+        "--worker",
+        spec,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--device",
+        args.device,
+        *(["--width", str(args.width)] if args.width else []),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         if proc.returncode == -9:
@@ -192,22 +190,26 @@ def run_worker(python, spec, args, launcher=False):
 
 
 def print_table(results):
-    header = f"{'setting':<8} {'framework':<19} {'mode':<16} {'params':>10} {'train ms/step':>14} {'train img/s':>12} {'infer img/s':>12} {'peak MB':>8} {'vs PyTorch':>11}"
+    header = (
+        f"{'setting':<8} {'framework':<19} {'mode':<16} {'params':>10} {'train ms/step':>14} {'train img/s':>12} "
+        f"{'infer img/s':>12} {'peak MB':>8} {'vs PyTorch':>11}"
+    )
     print(header)
     torch_ms = {r["setting"]: r["train_s"] for r in results if r["framework"] == "pytorch"}
     for r in results:
         ratio = f"{r['train_s'] / torch_ms[r['setting']]:.2f}x" if r["setting"] in torch_ms else "-"
         infer = f"{1 / r['infer_s']:.2f}" if r["infer_s"] else "-"
-        print(f"{r['setting']:<8} {r['framework'] + ' ' + r['version']:<19} {r['mode']:<16} {r['params']:>10,} "
-              f"{r['train_s'] * 1000:>14.0f} {r['images'] / r['train_s']:>12.2f} {infer:>12} {r['peak_mb']:>8.0f} {ratio:>11}")
+        print(
+            f"{r['setting']:<8} {r['framework'] + ' ' + r['version']:<19} {r['mode']:<16} {r['params']:>10,} "
+            f"{r['train_s'] * 1000:>14.0f} {r['images'] / r['train_s']:>12.2f} {infer:>12} "
+            f"{r['peak_mb']:>8.0f} {ratio:>11}"
+        )
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
-        framework, mode, setting = args.worker.split(":")
-        if framework == "torch":
-            return torch_worker(setting, args.steps, args.warmup, args.device, args.width)
+        _, mode, setting = args.worker.split(":")
         return oneflow_worker(mode, setting, args.steps, args.warmup, args.device, args.width)
     if args.steps < 1 or args.warmup < 0:
         sys.exit("error: --steps must be at least 1 and --warmup at least 0")
@@ -224,7 +226,9 @@ def main(argv=None):
         if args.torch_python:
             results.append(run_worker(args.torch_python, f"torch:eager:{setting}", args))
         for mode in modes:
-            results.append(run_worker(sys.executable, f"oneflow:{mode}:{setting}", args, launcher=mode.endswith("ddp2")))
+            results.append(
+                run_worker(sys.executable, f"oneflow:{mode}:{setting}", args, launcher=mode.endswith("ddp2"))
+            )
             print(f"... {setting} {mode} done", file=sys.stderr, flush=True)
     results = [r for r in results if r]
     print(f"{os.cpu_count()} CPU cores, device {args.device}, median of {args.steps} steps after {args.warmup} warm-up")

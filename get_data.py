@@ -8,6 +8,7 @@ public 30 + 30 slice PNG copy in zhixuhao/unet (pinned to one commit, so its con
 Everything lands in a temporary folder and is checked (every file decodes, labels are binary, every
 image has its label) before it is moved into place, so a failed copy or download leaves no half data.
 """
+
 import argparse
 import contextlib
 import io
@@ -19,8 +20,8 @@ import urllib.request
 
 import cv2
 
-from dataloader import find_pairs, list_images, read_gray, read_pair
-from errors import DataError, run_main
+from isbi_unet.errors import DataError, run_main
+from isbi_unet.images import find_pairs, list_images, read_gray, read_pair
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("train/image", "train/label", "test")
@@ -81,9 +82,14 @@ def install(staging, data_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", "--data-dir", default=os.path.join(REPO, "data"), help="where train/ and test/ go")
-    p.add_argument("--source", default=os.environ.get("ISBI_DATA") or os.path.join(REPO, "..", "shared", "data", "isbi2012"),
-                   help="local folder to copy from (default: $ISBI_DATA, else ../shared/data/isbi2012); downloads if absent")
-    p.add_argument("--url", default=URL, help="download address, with {part} (train/image, train/label, test) and {i} (0-29)")
+    p.add_argument(
+        "--source",
+        default=os.environ.get("ISBI_DATA") or os.path.join(REPO, "..", "shared", "data", "isbi2012"),
+        help="local folder to copy from (default: $ISBI_DATA, else ../shared/data/isbi2012); downloads if absent",
+    )
+    p.add_argument(
+        "--url", default=URL, help="download address, with {part} (train/image, train/label, test) and {i} (0-29)"
+    )
     args = p.parse_args(argv)
     if is_complete(args.data_dir):
         return

@@ -4,7 +4,7 @@
     python3 predict_unet_test.py --tta                      # + average over the 8 flips/rotations (8x slower)
     python3 predict_unet_test.py --tile 256 --overlap 64    # overlap-tile inference, for any image size
     python3 predict_unet_test.py --Test_Data_path data/train/image --label_path data/train/label   # + scores
-    python3 predict_unet_test.py --checkpoint checkpoints/seed0/last checkpoints/seed1/last checkpoints/seed2/last  # ensemble
+    python3 predict_unet_test.py --checkpoint runs/seed0/last runs/seed1/last runs/seed2/last   # an ensemble
 
 For every input NAME.png it writes save_res_path/NAME.png, the binary mask in the label convention
 (255 = cell, 0 = membrane), and save_res_path/prob/NAME.png, the cell probability x 255 (uint8); when
@@ -15,51 +15,75 @@ checkpoints, their cell probabilities are averaged (an ensemble, e.g. of runs wi
 save_res_path/run.json records the checkpoint, the settings and the versions, device and code commit
 that produced the masks.
 """
+
 import argparse
-import json
 import multiprocessing
 import os
 import time
 
-import cv2
 import numpy as np
 import oneflow as flow
 
-from checkpoint import load_model
-from dataloader import list_images, preprocess, read_gray, read_label
-from errors import DataError, check_output_dir, make_output_dir, run_main
-from graphs import InferenceGraphs
-from metrics import print_scores
-from run_record import run_record
-from tiling import check_tiling, predict_tiled, write_isbi_tiff
+from isbi_unet.checkpoint import load_model
+from isbi_unet.device import default_processes, select_device
+from isbi_unet.engine import InferenceGraphs
+from isbi_unet.errors import DataError, check_output_dir, make_output_dir, run_main
+from isbi_unet.images import list_images, preprocess, read_gray, read_label, write_png
+from isbi_unet.metrics import print_scores
+from isbi_unet.record import write_json_record
+from isbi_unet.tiling import check_tiling, predict_tiled, write_isbi_tiff
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", nargs="+", default=["checkpoints/best"],
-                   help="checkpoint directory written by TrainUnetDataSet.py; several: average their probabilities")
+    p.add_argument(
+        "--checkpoint",
+        nargs="+",
+        default=["checkpoints/best"],
+        help="checkpoint directory written by TrainUnetDataSet.py; several: average their probabilities",
+    )
     p.add_argument("--Test_Data_path", "--test-data-path", default="data/test", help="folder of images to segment")
-    p.add_argument("--save_res_path", "--save-res-path", default="results", help="output folder for masks (and prob/ for probabilities)")
+    p.add_argument(
+        "--save_res_path",
+        "--save-res-path",
+        default="results",
+        help="output folder for masks (and prob/ for probabilities)",
+    )
     p.add_argument("--threshold", type=float, default=0.5, help="cell probability at or above which a pixel is cell")
-    p.add_argument("--tile", type=int, default=0, help="side of overlapping square tiles, a multiple of 16; 0 = whole image in one pass")
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=0,
+        help="side of overlapping square tiles, a multiple of 16; 0 = whole image in one pass",
+    )
     p.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring tiles (with --tile)")
-    p.add_argument("--tta", action="store_true", help="average the probabilities over the 8 flips/rotations of the square")
-    p.add_argument("--graph", action="store_true", help="run the model through nn.Graph (one compiled graph per input shape)")
-    p.add_argument("--label_path", "--label-path", help="labels with the input file names: print ISBI scores of the predictions")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda or cpu")
-    p.add_argument("--workers", type=int, help="processes sharing the slices (default: 1 on CUDA, else one per CPU core, at most 4): "
-                                                "OneFlow's eager CPU kernels keep about one core busy per process")
+    p.add_argument(
+        "--tta", action="store_true", help="average the probabilities over the 8 flips/rotations of the square"
+    )
+    p.add_argument(
+        "--graph", action="store_true", help="run the model through nn.Graph (one compiled graph per input shape)"
+    )
+    p.add_argument(
+        "--label_path", "--label-path", help="labels with the input file names: print ISBI scores of the predictions"
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="processes sharing the slices (default: 1 on CUDA, else one per CPU core, at most 4)",
+    )
     return p.parse_args(argv)
 
 
 def probability_fn(models, device, graph=False):
-    """numpy Nx1xhxw float32 -> cell probabilities of the same shape (the mean over `models`), for tiling.predict_tiled."""
+    """numpy Nx1xhxw float32 -> cell probabilities of the same shape (the mean over `models`), for predict_tiled."""
     runs = [InferenceGraphs(m) if graph else m for m in models]
 
     def forward(batch):
         with flow.no_grad():
             x = flow.tensor(batch, device=device)
             return (sum(flow.sigmoid(run(x)) for run in runs) / len(runs)).numpy()
+
     return forward
 
 
@@ -105,19 +129,15 @@ def predict_all(args, images, device):
         yield from pool.imap(predict_in_worker, images)
 
 
-def write_png(path, array):
-    if not cv2.imwrite(path, array):
-        raise DataError(f"{path}: could not be written")
-
-
 def write_run_record(args, states, device):
     one = len(states) == 1  # a single checkpoint keeps scalar fields; an ensemble lists one entry per checkpoint
     epochs, configs = [s.get("epoch") for s in states], [s["model_config"] for s in states]
-    record = {"args": {**vars(args), "checkpoint": args.checkpoint[0] if one else args.checkpoint},
-              "checkpoint_epoch": epochs[0] if one else epochs, "model_config": configs[0] if one else configs,
-              **run_record(device)}
-    with open(os.path.join(args.save_res_path, "run.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    record = {
+        "args": {**vars(args), "checkpoint": args.checkpoint[0] if one else args.checkpoint},
+        "checkpoint_epoch": epochs[0] if one else epochs,
+        "model_config": configs[0] if one else configs,
+    }
+    write_json_record(os.path.join(args.save_res_path, "run.json"), record, device)
 
 
 def main(argv=None):
@@ -125,17 +145,18 @@ def main(argv=None):
     if not 0.0 < args.threshold < 1.0:
         raise DataError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
     check_output_dir(args.save_res_path, "--save_res_path")
-    cuda = flow.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
-    device = flow.device("cuda" if cuda else "cpu")
+    device = select_device(args.device)
     names = list_images(args.Test_Data_path)
     images = [read_gray(os.path.join(args.Test_Data_path, n)) for n in names]  # all checked before any work
     small = [n for n, im in zip(names, images) if min(im.shape) < 16]
     if small:
-        raise DataError(f"{os.path.join(args.Test_Data_path, small[0])}: smaller than 16 pixels, too small for four poolings")
+        raise DataError(
+            f"{os.path.join(args.Test_Data_path, small[0])}: smaller than 16 pixels, too small for four poolings"
+        )
     check_tiling(args.tile, args.overlap, 1)
     labels = read_labels(args.label_path, names, images) if args.label_path else None
     if args.workers is None:
-        args.workers = 1 if cuda else max(1, min(4, len(os.sched_getaffinity(0)), len(images)))
+        args.workers = default_processes(device.type == "cuda", limit=len(images))
     if args.workers < 1:
         raise DataError(f"--workers must be at least 1, got {args.workers}")
     states = [load_model(c, device)[1] for c in args.checkpoint]  # checked here, so a bad one fails before any output
@@ -153,11 +174,17 @@ def main(argv=None):
     if len({p.shape for p in probs}) == 1:
         write_isbi_tiff(os.path.join(args.save_res_path, "submission.tif"), probs)
     write_run_record(args, states, device)
-    model = (f"UNet{states[0]['model_config']}, epoch {states[0].get('epoch')}" if len(states) == 1
-             else f"mean of {len(states)} checkpoints, epochs {', '.join(str(s.get('epoch')) for s in states)}")
-    print(f"{len(names)} masks in {args.save_res_path}/, probabilities in {prob_dir}/ "
-          f"({model}, {seconds:.1f}s on {device} x {args.workers} process(es)"
-          f"{', tiles ' + str(args.tile) if args.tile else ''}{', TTA' if args.tta else ''}{', graph' if args.graph else ''})")
+    model = (
+        f"UNet{states[0]['model_config']}, epoch {states[0].get('epoch')}"
+        if len(states) == 1
+        else f"mean of {len(states)} checkpoints, epochs {', '.join(str(s.get('epoch')) for s in states)}"
+    )
+    print(
+        f"{len(names)} masks in {args.save_res_path}/, probabilities in {prob_dir}/ "
+        f"({model}, {seconds:.1f}s on {device} x {args.workers} process(es)"
+        f"{', tiles ' + str(args.tile) if args.tile else ''}{', TTA' if args.tta else ''}"
+        f"{', graph' if args.graph else ''})"
+    )
     if labels is not None:
         print_scores(names, probs, labels)
 

@@ -7,18 +7,13 @@
 #   NPROC=1 bash train.sh --graph          # one process through nn.Graph
 #
 # NPROC defaults to 1 with a CUDA device and otherwise to the number of CPU cores (at most 4): OneFlow's
-# eager CPU kernels keep about one core busy, so a process per core is how a CPU trains at full speed.
+# eager CPU kernels keep about one core busy, so a process per core is how a CPU trains at full speed
+# (the rule is isbi_unet/device.py's, shared with predict_unet_test.py --workers).
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup.sh
 python3 get_data.py
-if [ -z "${NPROC:-}" ]; then
-    if python3 -c "import oneflow, sys; sys.exit(0 if oneflow.cuda.is_available() else 1)" 2>/dev/null; then
-        NPROC=1
-    else
-        NPROC=$(python3 -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
-    fi
-fi
+NPROC="${NPROC:-$(python3 -m isbi_unet.device 2>/dev/null)}"  # 1 on a GPU, else one per core (at most 4)
 if [ "$NPROC" -gt 1 ]; then
     echo "train.sh: $NPROC processes through oneflow.distributed.launch"
     python3 -m oneflow.distributed.launch --nproc_per_node "$NPROC" TrainUnetDataSet.py "$@"

@@ -6,6 +6,7 @@ The article's model, after milesial/Pytorch-UNet, with its `bilinear=True` chann
     python3 unet.py                      # prints the parameter count and checks one forward pass
     python3 unet.py --width 16 --bilinear
 """
+
 import argparse
 
 import oneflow as flow

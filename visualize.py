@@ -12,8 +12,9 @@ image | label | prediction (with its pixel error) | overlay.
 
 The pictures in docs/ come from one command, given a training run's checkpoint folder:
 
-    bash docs/make_docs.sh checkpoints
+    bash tools/make_docs.sh checkpoints
 """
+
 import argparse
 import json
 import os
@@ -25,10 +26,10 @@ import numpy as np
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dataloader import check_binary_label, list_images, read_gray  # noqa: E402
-from errors import DataError, check_output_dir, make_output_dir, run_main  # noqa: E402
-from metrics import pixel_error  # noqa: E402
-from plot import save_figure  # noqa: E402
+from isbi_unet.errors import DataError, check_output_dir, make_output_dir, run_main  # noqa: E402
+from isbi_unet.figures import save_figure  # noqa: E402
+from isbi_unet.images import check_binary_label, check_same_size, list_images, read_gray, write_png  # noqa: E402
+from isbi_unet.metrics import pixel_error  # noqa: E402
 
 MEMBRANE_BGR = (255, 0, 255)  # magenta: stands out on grey, and for red-green colour blindness
 ALPHA = 0.45
@@ -36,15 +37,34 @@ ALPHA = 0.45
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--res_path", "--res-path", default="results", help="predict_unet_test.py's output folder (NAME.png, prob/NAME.png)")
-    p.add_argument("--image_path", "--image-path", help="the EM slices that were segmented (default: Test_Data_path in res_path/run.json)")
-    p.add_argument("--label_path", "--label-path", help="labels of those slices (255 = cell), to show and score against")
+    p.add_argument(
+        "--res_path",
+        "--res-path",
+        default="results",
+        help="predict_unet_test.py's output folder (NAME.png, prob/NAME.png)",
+    )
+    p.add_argument(
+        "--image_path",
+        "--image-path",
+        help="the EM slices that were segmented (default: Test_Data_path in res_path/run.json)",
+    )
+    p.add_argument(
+        "--label_path", "--label-path", help="labels of those slices (255 = cell), to show and score against"
+    )
     p.add_argument("--n", type=int, default=3, help="how many slices, first in natural order")
     p.add_argument("--overlay_dir", "--overlay-dir", help="where overlays go (default: res_path/overlay)")
     p.add_argument("--figure", help="side-by-side figure PNG (default: res_path/figure.png)")
-    p.add_argument("--max_side", "--max-side", type=int, default=0, help="shrink overlays to at most this many pixels a side (0: full size)")
+    p.add_argument(
+        "--max_side",
+        "--max-side",
+        type=int,
+        default=0,
+        help="shrink overlays to at most this many pixels a side (0: full size)",
+    )
     p.add_argument("--dpi", type=int, default=100, help="figure resolution: 100 gives 1200 pixels across")
-    p.add_argument("--palette", action="store_true", help="save the figure with 256 colours: less than half the bytes (docs/)")
+    p.add_argument(
+        "--palette", action="store_true", help="save the figure with 256 colours: less than half the bytes (docs/)"
+    )
     return p.parse_args(argv)
 
 
@@ -54,14 +74,13 @@ def image_path_from_run(res_path):
         with open(path) as f:
             return json.load(f)["args"]["Test_Data_path"]
     except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{path}: cannot tell which images were segmented ({type(e).__name__}); pass --image_path") from None
+        raise DataError(
+            f"{path}: cannot tell which images were segmented ({type(e).__name__}); pass --image_path"
+        ) from None
 
 
 def read_same_size(path, shape):
-    array = read_gray(path)
-    if array.shape != shape:
-        raise DataError(f"{path}: size {array.shape[1]}x{array.shape[0]} differs from its image's {shape[1]}x{shape[0]}")
-    return array
+    return check_same_size(read_gray(path), path, shape)
 
 
 def load_slice(args, name):
@@ -92,11 +111,6 @@ def shrink(array, max_side):
         return array
     size = (max(1, round(array.shape[1] * scale)), max(1, round(array.shape[0] * scale)))
     return cv2.resize(array, size, interpolation=cv2.INTER_AREA)
-
-
-def write_png(path, array):
-    if not cv2.imwrite(path, array):
-        raise DataError(f"{path}: could not be written")
 
 
 def draw_figure(rows, labelled, out, dpi=100, palette=False):
@@ -131,7 +145,7 @@ def main(argv=None):
     check_output_dir(overlay_dir, "--overlay_dir")
     check_output_dir(os.path.dirname(os.path.abspath(figure)), "--figure")
     args.image_path = args.image_path or image_path_from_run(args.res_path)
-    names = list_images(args.image_path)[:args.n]
+    names = list_images(args.image_path)[: args.n]
     slices = [(name, *load_slice(args, name)) for name in names]  # everything checked before writing
 
     make_output_dir(overlay_dir, "--overlay_dir")

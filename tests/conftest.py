@@ -1,4 +1,5 @@
 """Shared fixtures: tiny synthetic ISBI-like data on disk and a runner for the repo's real scripts."""
+
 import os
 import socket
 import subprocess
@@ -17,7 +18,9 @@ def make_slice(rng, size):
     h, w = size
     label = np.full((h, w), 255, np.uint8)
     for _ in range(3):
-        cv2.line(label, tuple(int(v) for v in rng.integers(0, w, 2)), tuple(int(v) for v in rng.integers(0, h, 2)), 0, 2)
+        cv2.line(
+            label, tuple(int(v) for v in rng.integers(0, w, 2)), tuple(int(v) for v in rng.integers(0, h, 2)), 0, 2
+        )
     image = np.where(label == 255, 180, 40).astype(np.int16) + rng.integers(-30, 30, (h, w))
     return np.clip(image, 0, 255).astype(np.uint8), label
 
@@ -69,4 +72,17 @@ def free_port():
 
 
 # One sample per slice keeps step counts equal to slices / batch, which several tests count on.
-TINY = ["--width", "4", "--crop_size", "32", "--samples_per_slice", "1", "--batch_size", "2", "--val_slices", "2", "--device", "cpu"]
+TINY = [
+    "--width",
+    "4",
+    "--crop_size",
+    "32",
+    "--samples_per_slice",
+    "1",
+    "--batch_size",
+    "2",
+    "--val_slices",
+    "2",
+    "--device",
+    "cpu",
+]

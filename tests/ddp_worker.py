@@ -1,5 +1,6 @@
 """Run under oneflow.distributed.launch by test_ddp.py: trains through TrainUnetDataSet.main, then every
 rank dumps its replica's weights so the test can compare them."""
+
 import os
 import sys
 

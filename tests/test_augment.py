@@ -1,4 +1,5 @@
 """augment.py: expected values are worked out by hand in the comments."""
+
 import math
 import os
 import subprocess
@@ -9,9 +10,15 @@ import numpy as np
 import pytest
 from numpy.core._multiarray_umath import __cpu_features__
 
-from augment import (border_weight_map, class_balance, displacement_field, elastic_deform, intensity_jitter,
-                     two_nearest_cell_distances)
 from conftest import REPO, make_slice
+from isbi_unet.augment import (
+    border_weight_map,
+    class_balance,
+    displacement_field,
+    elastic_deform,
+    intensity_jitter,
+    two_nearest_cell_distances,
+)
 
 
 def sample(size=(64, 80), seed=0):
@@ -22,6 +29,7 @@ def sample(size=(64, 80), seed=0):
 
 
 # --- elastic_deform -------------------------------------------------------------------------------
+
 
 def test_sigma_zero_is_exactly_the_identity():
     # Every sample position is an integer, so bilinear and nearest both return the input bit for bit.
@@ -48,7 +56,7 @@ def test_one_cell_grid_is_a_translation_by_the_drawn_vector():
     np.testing.assert_allclose(out_image[0][inside], expected[inside], atol=3 / 200 / 32)
     # Nearest neighbour: the stripe at the rounded source column (dx's fraction is not near 0.5).
     assert abs(dx % 1 - 0.5) > 0.1
-    src = (np.rint(x + dx).astype(int) % 8 < 4)
+    src = np.rint(x + dx).astype(int) % 8 < 4
     np.testing.assert_array_equal(out_label[0][inside], src[inside])
 
 
@@ -104,6 +112,7 @@ def test_mismatched_sizes_are_refused():
 
 # --- intensity_jitter -----------------------------------------------------------------------------
 
+
 def test_jitter_stays_in_unit_range_and_is_mild():
     image = np.random.default_rng(0).random((1, 64, 64), dtype=np.float32)
     for seed in range(20):
@@ -111,7 +120,9 @@ def test_jitter_stays_in_unit_range_and_is_mild():
         assert out.dtype == np.float32 and out.shape == image.shape
         assert out.min() >= 0.0 and out.max() <= 1.0
         assert np.abs(out - image).mean() < 0.15
-    np.testing.assert_array_equal(intensity_jitter(image, np.random.default_rng(3)), intensity_jitter(image, np.random.default_rng(3)))
+    np.testing.assert_array_equal(
+        intensity_jitter(image, np.random.default_rng(3)), intensity_jitter(image, np.random.default_rng(3))
+    )
     np.testing.assert_allclose(intensity_jitter(image, np.random.default_rng(3), 0, 0, 0), image, atol=1e-6)
 
 
@@ -136,7 +147,7 @@ def test_gamma_alone_is_a_power():
     out = intensity_jitter(image, np.random.default_rng(4), brightness=0, contrast=0, gamma=0.1)
     g = math.log(out.flat[0]) / math.log(image.flat[0])
     assert 0.9 <= g <= 1.1 and g != pytest.approx(1.0, abs=1e-4)
-    np.testing.assert_allclose(out, image ** g, rtol=1e-5)
+    np.testing.assert_allclose(out, image**g, rtol=1e-5)
 
 
 AVX512 = "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL"
@@ -144,9 +155,11 @@ AVX512 = "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL"
 
 def jitter_bytes(env_extra):
     """intensity_jitter of a fixed image in a fresh process, with NumPy's CPU dispatch set by env_extra."""
-    code = ("import sys, numpy as np; sys.path.insert(0, sys.argv[1]); from augment import intensity_jitter; "
-            "x = np.random.default_rng(0).random((1, 128, 128), dtype=np.float32); "
-            "sys.stdout.buffer.write(b''.join(intensity_jitter(x, np.random.default_rng(s)).tobytes() for s in range(4)))")
+    code = (
+        "import sys, numpy as np; sys.path.insert(0, sys.argv[1]); from isbi_unet.augment import intensity_jitter; "
+        "x = np.random.default_rng(0).random((1, 128, 128), dtype=np.float32); "
+        "sys.stdout.buffer.write(b''.join(intensity_jitter(x, np.random.default_rng(s)).tobytes() for s in range(4)))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "NPY_DISABLE_CPU_FEATURES"}
     proc = subprocess.run([sys.executable, "-c", code, REPO], env={**env, **env_extra}, capture_output=True, check=True)
     return proc.stdout
@@ -159,6 +172,7 @@ def test_jitter_is_bit_identical_without_avx512():
 
 
 # --- border_weight_map ----------------------------------------------------------------------------
+
 
 def two_rectangles():
     """40x40: cells A (rows 10-29, cols 5-18) and B (rows 10-29, cols 21-34), a 2-px gap at cols 19-20.
@@ -189,7 +203,7 @@ def test_weight_is_class_balance_away_from_gaps():
     # Corner (0, 0): d1 = |(0,0)-(10,5)| = 11.18, d2 = |(0,0)-(10,21)| = 23.26; 10 exp(-34.4^2/50) ~ 5e-10.
     assert weight[0, 0] == pytest.approx(0.5 / 0.65, abs=1e-6)
     # Above A, (5, 12): d1 = 5, d2 = |(5,12)-(10,21)| = 10.30 -> 0.769 + 10 exp(-15.30^2 / 50) = 0.862.
-    assert weight[5, 12] == pytest.approx(0.5 / 0.65 + 10 * math.exp(-(5 + math.hypot(5, 9)) ** 2 / 50), abs=1e-5)
+    assert weight[5, 12] == pytest.approx(0.5 / 0.65 + 10 * math.exp(-((5 + math.hypot(5, 9)) ** 2) / 50), abs=1e-5)
 
 
 def test_no_cell_and_one_cell_give_class_balance_only():
@@ -241,4 +255,4 @@ def test_two_nearest_distances_match_brute_force():
     d1, d2 = two_nearest_cell_distances(cells, cutoff=5)
     near = dist[1] <= 5
     np.testing.assert_allclose(d2[near], dist[1][near], atol=1e-5)
-    assert np.all(d2[dist[1] > 5 + 5 * 2 ** 0.5] == np.inf)
+    assert np.all(d2[dist[1] > 5 + 5 * 2**0.5] == np.inf)

@@ -1,4 +1,5 @@
 """Bad input: one line on stderr naming the path and the problem, exit code 2, nothing written."""
+
 import os
 
 import cv2
@@ -9,7 +10,18 @@ from conftest import TINY, assert_fails, run
 
 
 def train(data_path, ckpt, *extra):
-    return run("TrainUnetDataSet.py", "--data_path", data_path, "--epochs", 1, "--checkpoint_dir", ckpt, *TINY, *extra, check=False)
+    return run(
+        "TrainUnetDataSet.py",
+        "--data_path",
+        data_path,
+        "--epochs",
+        1,
+        "--checkpoint_dir",
+        ckpt,
+        *TINY,
+        *extra,
+        check=False,
+    )
 
 
 def test_missing_data_folder(tmp_path):
@@ -35,13 +47,19 @@ def test_label_without_image(data, tmp_path):
 
 
 def test_resume_from_a_missing_checkpoint(data, tmp_path):
-    assert_fails(train(f"{data}/train", tmp_path / "ckpt", "--resume", tmp_path / "nothing"), tmp_path / "nothing", "no such checkpoint")
+    assert_fails(
+        train(f"{data}/train", tmp_path / "ckpt", "--resume", tmp_path / "nothing"),
+        tmp_path / "nothing",
+        "no such checkpoint",
+    )
     assert not (tmp_path / "ckpt").exists()
 
 
 def test_predict_empty_test_folder(tmp_path):
     os.makedirs(tmp_path / "empty")
-    proc = run("predict_unet_test.py", "--Test_Data_path", tmp_path / "empty", "--save_res_path", tmp_path / "res", check=False)
+    proc = run(
+        "predict_unet_test.py", "--Test_Data_path", tmp_path / "empty", "--save_res_path", tmp_path / "res", check=False
+    )
     assert_fails(proc, tmp_path / "empty", "no images")
     assert not (tmp_path / "res").exists()
 
@@ -51,16 +69,35 @@ def test_mis_sized_label(data, tmp_path):
     assert_fails(train(f"{data}/train", tmp_path / "ckpt"), f"{data}/train/label/2.png", "differs")
 
 
-@pytest.mark.parametrize("flag,value", [("--epochs", 0), ("--batch_size", -1), ("--crop_size", 8), ("--lr", 0),
-                                        ("--width", 0), ("--val_slices", -1), ("--val_start", -2),
-                                        ("--seed", -1)])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--epochs", 0),
+        ("--batch_size", -1),
+        ("--crop_size", 8),
+        ("--lr", 0),
+        ("--width", 0),
+        ("--val_slices", -1),
+        ("--val_start", -2),
+        ("--seed", -1),
+    ],
+)
 def test_nonsense_flags(data, tmp_path, flag, value):
     assert_fails(train(f"{data}/train", tmp_path / "ckpt", flag, value), flag)
     assert not (tmp_path / "ckpt").exists()
 
 
 def test_predict_nonsense_threshold(data, tmp_path):
-    proc = run("predict_unet_test.py", "--threshold", 1.5, "--Test_Data_path", f"{data}/test", "--save_res_path", tmp_path / "res", check=False)
+    proc = run(
+        "predict_unet_test.py",
+        "--threshold",
+        1.5,
+        "--Test_Data_path",
+        f"{data}/test",
+        "--save_res_path",
+        tmp_path / "res",
+        check=False,
+    )
     assert_fails(proc, "--threshold")
 
 
@@ -75,15 +112,31 @@ def test_crop_larger_than_image(data, tmp_path):
 
 
 def test_predict_missing_checkpoint_writes_nothing(data, tmp_path):
-    proc = run("predict_unet_test.py", "--checkpoint", tmp_path / "none", "--Test_Data_path", f"{data}/test",
-               "--save_res_path", tmp_path / "res", check=False)
+    proc = run(
+        "predict_unet_test.py",
+        "--checkpoint",
+        tmp_path / "none",
+        "--Test_Data_path",
+        f"{data}/test",
+        "--save_res_path",
+        tmp_path / "res",
+        check=False,
+    )
     assert_fails(proc, tmp_path / "none", "no such checkpoint")
     assert not (tmp_path / "res").exists()
 
 
 def test_predict_rejects_a_folder_that_is_not_a_checkpoint(data, tmp_path):
-    proc = run("predict_unet_test.py", "--checkpoint", f"{data}/test", "--Test_Data_path", f"{data}/test",
-               "--save_res_path", tmp_path / "res", check=False)
+    proc = run(
+        "predict_unet_test.py",
+        "--checkpoint",
+        f"{data}/test",
+        "--Test_Data_path",
+        f"{data}/test",
+        "--save_res_path",
+        tmp_path / "res",
+        check=False,
+    )
     assert_fails(proc, f"{data}/test", "not a checkpoint")
     assert not (tmp_path / "res").exists()
 
@@ -91,32 +144,65 @@ def test_predict_rejects_a_folder_that_is_not_a_checkpoint(data, tmp_path):
 def test_predict_refuses_a_checkpoint_of_the_unstandardised_format(data, tmp_path):
     # Written in-process, as the previous version of save_checkpoint did (its format marker /1).
     import oneflow as flow
+
     from unet import UNet
+
     old = tmp_path / "old"
-    flow.save({"format": "isbi-unet-oneflow/1", "model_config": UNet(1, 1, width=4).config(),
-               "model": UNet(1, 1, width=4).state_dict()}, str(old))
-    proc = run("predict_unet_test.py", "--checkpoint", old, "--Test_Data_path", f"{data}/test",
-               "--save_res_path", tmp_path / "res", check=False)
+    flow.save(
+        {
+            "format": "isbi-unet-oneflow/1",
+            "model_config": UNet(1, 1, width=4).config(),
+            "model": UNet(1, 1, width=4).state_dict(),
+        },
+        str(old),
+    )
+    proc = run(
+        "predict_unet_test.py",
+        "--checkpoint",
+        old,
+        "--Test_Data_path",
+        f"{data}/test",
+        "--save_res_path",
+        tmp_path / "res",
+        check=False,
+    )
     assert_fails(proc, old, "older version of this repo on unstandardised input; retrain it")
     assert not (tmp_path / "res").exists()
 
 
-@pytest.mark.parametrize("label,problem", [(np.zeros((20, 48), np.uint8), "size 48x20 differs from its image's 48x48"),
-                                           (np.full((48, 48), 128, np.uint8), "not a binary label")])
+@pytest.mark.parametrize(
+    "label,problem",
+    [
+        (np.zeros((20, 48), np.uint8), "size 48x20 differs from its image's 48x48"),
+        (np.full((48, 48), 128, np.uint8), "not a binary label"),
+    ],
+)
 def test_evaluation_labels_are_checked_like_training_labels(data, trained, tmp_path, label, problem):
     labels = tmp_path / "labels"
     labels.mkdir()
     for i in range(3):
         cv2.imwrite(str(labels / f"{i}.png"), cv2.imread(f"{data}/train/label/{i}.png", cv2.IMREAD_UNCHANGED))
     cv2.imwrite(str(labels / "1.png"), label)
-    proc = run("predict_unet_test.py", "--checkpoint", trained / "best", "--Test_Data_path", f"{data}/test",
-               "--label_path", labels, "--save_res_path", tmp_path / "res", check=False)
+    proc = run(
+        "predict_unet_test.py",
+        "--checkpoint",
+        trained / "best",
+        "--Test_Data_path",
+        f"{data}/test",
+        "--label_path",
+        labels,
+        "--save_res_path",
+        tmp_path / "res",
+        check=False,
+    )
     assert_fails(proc, labels / "1.png", problem)
     assert not (tmp_path / "res").exists()
 
 
 def test_predict_missing_test_folder(tmp_path):
-    proc = run("predict_unet_test.py", "--Test_Data_path", tmp_path / "none", "--save_res_path", tmp_path / "res", check=False)
+    proc = run(
+        "predict_unet_test.py", "--Test_Data_path", tmp_path / "none", "--save_res_path", tmp_path / "res", check=False
+    )
     assert_fails(proc, tmp_path / "none", "no such folder")
 
 
@@ -133,8 +219,10 @@ def trained(data, tmp_path):
     return ckpt
 
 
-@pytest.mark.parametrize("flags,fragments", [(["--width", 8], ["'width': 4", "'width': 8"]),
-                                             (["--bilinear"], ["'bilinear': False", "'bilinear': True"])])
+@pytest.mark.parametrize(
+    "flags,fragments",
+    [(["--width", 8], ["'width': 4", "'width': 8"]), (["--bilinear"], ["'bilinear': False", "'bilinear': True"])],
+)
 def test_resume_with_another_model_is_refused_and_changes_nothing(data, trained, flags, fragments):
     before = snapshot(trained)
     proc = train(f"{data}/train", trained, "--epochs", 2, "--resume", trained / "last", *flags)
@@ -162,8 +250,16 @@ def test_predict_with_corrupt_checkpoint_writes_nothing(data, trained, tmp_path,
     else:
         for out in (trained / "best").glob("tensor_*/out"):
             truncate(out, 10)
-    proc = run("predict_unet_test.py", "--checkpoint", trained / "best", "--Test_Data_path", f"{data}/test",
-               "--save_res_path", tmp_path / "res", check=False)
+    proc = run(
+        "predict_unet_test.py",
+        "--checkpoint",
+        trained / "best",
+        "--Test_Data_path",
+        f"{data}/test",
+        "--save_res_path",
+        tmp_path / "res",
+        check=False,
+    )
     assert_fails(proc, trained / "best", "unreadable checkpoint")
     assert not (tmp_path / "res").exists()
 
@@ -180,16 +276,32 @@ def test_unwritable_checkpoint_dir(data, tmp_path, where):
 def test_unwritable_result_folder_changes_nothing(data, trained, tmp_path):
     blocker = tmp_path / "somefile"
     blocker.write_text("not a folder")
-    proc = run("predict_unet_test.py", "--checkpoint", trained / "best", "--Test_Data_path", f"{data}/test",
-               "--save_res_path", blocker / "res", check=False)
+    proc = run(
+        "predict_unet_test.py",
+        "--checkpoint",
+        trained / "best",
+        "--Test_Data_path",
+        f"{data}/test",
+        "--save_res_path",
+        blocker / "res",
+        check=False,
+    )
     assert_fails(proc, blocker / "res", "--save_res_path", "is a file")
     assert blocker.read_text() == "not a folder"
 
 
 def test_predict_image_too_small(data, trained, tmp_path):
     cv2.imwrite(f"{data}/test/1.png", np.zeros((12, 48), np.uint8))
-    proc = run("predict_unet_test.py", "--checkpoint", trained / "best", "--Test_Data_path", f"{data}/test",
-               "--save_res_path", tmp_path / "res", check=False)
+    proc = run(
+        "predict_unet_test.py",
+        "--checkpoint",
+        trained / "best",
+        "--Test_Data_path",
+        f"{data}/test",
+        "--save_res_path",
+        tmp_path / "res",
+        check=False,
+    )
     assert_fails(proc, f"{data}/test/1.png", "smaller than 16 pixels")
     assert not (tmp_path / "res").exists()
 
@@ -215,7 +327,10 @@ def warnings_of(proc):
 def test_colour_and_16_bit_inputs_are_converted_with_one_warning_each(data, tmp_path):
     image = cv2.imread(f"{data}/train/image/0.png", cv2.IMREAD_GRAYSCALE)
     cv2.imwrite(f"{data}/train/image/0.png", cv2.cvtColor(image, cv2.COLOR_GRAY2BGR))
-    cv2.imwrite(f"{data}/train/image/1.png", cv2.imread(f"{data}/train/image/1.png", cv2.IMREAD_GRAYSCALE).astype(np.uint16) * 257)
+    cv2.imwrite(
+        f"{data}/train/image/1.png",
+        cv2.imread(f"{data}/train/image/1.png", cv2.IMREAD_GRAYSCALE).astype(np.uint16) * 257,
+    )
     label = cv2.imread(f"{data}/train/label/5.png", cv2.IMREAD_GRAYSCALE)  # 5.png is a validation slice
     cv2.imwrite(f"{data}/train/label/5.png", cv2.cvtColor(label, cv2.COLOR_GRAY2BGRA))
     proc = train(f"{data}/train", tmp_path / "ckpt")
@@ -228,8 +343,15 @@ def test_colour_and_16_bit_inputs_are_converted_with_one_warning_each(data, tmp_
 
     test_image = cv2.imread(f"{data}/test/2.png", cv2.IMREAD_GRAYSCALE)
     cv2.imwrite(f"{data}/test/2.png", cv2.cvtColor(test_image, cv2.COLOR_GRAY2BGR).astype(np.uint16) * 257)
-    proc = run("predict_unet_test.py", "--checkpoint", tmp_path / "ckpt" / "best", "--Test_Data_path", f"{data}/test",
-               "--save_res_path", tmp_path / "res")
+    proc = run(
+        "predict_unet_test.py",
+        "--checkpoint",
+        tmp_path / "ckpt" / "best",
+        "--Test_Data_path",
+        f"{data}/test",
+        "--save_res_path",
+        tmp_path / "res",
+    )
     assert warnings_of(proc) == [f"warning: {data}/test/2.png: 16-bit RGB image converted to 8-bit grayscale"]
     assert (tmp_path / "res" / "prob" / "2.png").is_file()
 

@@ -1,12 +1,24 @@
 """benchmark.py end to end: real OneFlow steps at the CPU recipe's shapes, one process and two."""
+
 import json
 
 from conftest import run
 
 
 def test_benchmark_reports_a_row_and_json(tmp_path):
-    out = run("benchmark.py", "--setting", "cpu", "--modes", "eager", "--steps", 1, "--warmup", 0,
-              "--json", tmp_path / "bench.json").stdout
+    out = run(
+        "benchmark.py",
+        "--setting",
+        "cpu",
+        "--modes",
+        "eager",
+        "--steps",
+        1,
+        "--warmup",
+        0,
+        "--json",
+        tmp_path / "bench.json",
+    ).stdout
     assert "train ms/step" in out and "oneflow 0.9.0" in out
     (result,) = json.loads((tmp_path / "bench.json").read_text())
     assert result["mode"] == "eager" and result["setting"] == "cpu" and result["images"] == 4
@@ -19,8 +31,21 @@ def test_benchmark_rejects_a_missing_torch_interpreter(tmp_path):
 
 
 def test_data_parallel_modes_leave_both_processes_with_the_same_weights(tmp_path):
-    run("benchmark.py", "--setting", "cpu", "--modes", "ddp2,graph_ddp2", "--width", 4, "--steps", 1, "--warmup", 1,
-        "--json", tmp_path / "bench.json")
+    run(
+        "benchmark.py",
+        "--setting",
+        "cpu",
+        "--modes",
+        "ddp2,graph_ddp2",
+        "--width",
+        4,
+        "--steps",
+        1,
+        "--warmup",
+        1,
+        "--json",
+        tmp_path / "bench.json",
+    )
     rows = json.loads((tmp_path / "bench.json").read_text())
     assert [r["mode"] for r in rows] == ["ddp2", "graph_ddp2"]
     for r in rows:  # width 4: --width reached the model; the batch of 4 is split over the 2 processes

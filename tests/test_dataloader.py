@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import write_dataset
-from dataloader import (DataError, SelfDataSet, binarize_label, check_binary_label, dihedral, find_pairs, preprocess,
-                        read_gray)
+from dataloader import SelfDataSet
+from isbi_unet.errors import DataError
+from isbi_unet.images import binarize_label, check_binary_label, dihedral, find_pairs, preprocess, read_gray
 
 
 def test_pairs_by_name_in_natural_order(tmp_path):
@@ -88,8 +89,15 @@ def test_corrupt_png_is_an_error(tmp_path):
 
 
 def test_paper_augmentation_returns_weights_and_keeps_labels_binary(data):
-    ds = SelfDataSet(f"{data}/train/image", f"{data}/train/label", augment=True, crop_size=32, seed=1,
-                     elastic_sigma=10.0, border_weight=10.0)
+    ds = SelfDataSet(
+        f"{data}/train/image",
+        f"{data}/train/label",
+        augment=True,
+        crop_size=32,
+        seed=1,
+        elastic_sigma=10.0,
+        border_weight=10.0,
+    )
     for i in range(len(ds)):
         image, label, weight = ds[i]
         assert image.shape == label.shape == weight.shape == (1, 32, 32)
@@ -102,12 +110,15 @@ def test_paper_augmentation_returns_weights_and_keeps_labels_binary(data):
     assert len(plain[0]) == 2
     # a whole augmented slice is standardised after its jitter, as prediction standardises a slice
     assert abs(plain[0][0].mean()) < 1e-4 and abs(plain[0][0].std() - 1) < 1e-3
+
+
 def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     # What makes resume exact with no dataset state saved: the draw for (seed, epoch, index) does not
     # depend on what was drawn before, in this process or another.
     root = write_dataset(str(tmp_path), n_train=4)
-    make = lambda seed: SelfDataSet(os.path.join(root, "train/image"), os.path.join(root, "train/label"),
-                                    augment=True, crop_size=16, seed=seed)
+    make = lambda seed: SelfDataSet(
+        os.path.join(root, "train/image"), os.path.join(root, "train/label"), augment=True, crop_size=16, seed=seed
+    )
     a, b = make(7), make(7)
     a.set_epoch(3), b.set_epoch(3)
     for i in (2, 0, 3, 1):  # b in another order, and after unrelated draws
@@ -140,12 +151,18 @@ def test_non_binary_label_is_an_error(tmp_path):
         SelfDataSet(os.path.join(root, "train/image"), os.path.join(root, "train/label"))
 
 
-@pytest.mark.parametrize("convert,warning", [
-    (lambda g: cv2.cvtColor(g, cv2.COLOR_GRAY2BGR), "RGB image converted to grayscale"),
-    (lambda g: cv2.cvtColor(g, cv2.COLOR_GRAY2BGRA), "RGBA image converted to grayscale"),
-    (lambda g: g.astype(np.uint16) * 257, "16-bit image scaled to 8-bit"),
-    (lambda g: cv2.cvtColor(g, cv2.COLOR_GRAY2BGR).astype(np.uint16) * 257, "16-bit RGB image converted to 8-bit grayscale"),
-])
+@pytest.mark.parametrize(
+    "convert,warning",
+    [
+        (lambda g: cv2.cvtColor(g, cv2.COLOR_GRAY2BGR), "RGB image converted to grayscale"),
+        (lambda g: cv2.cvtColor(g, cv2.COLOR_GRAY2BGRA), "RGBA image converted to grayscale"),
+        (lambda g: g.astype(np.uint16) * 257, "16-bit image scaled to 8-bit"),
+        (
+            lambda g: cv2.cvtColor(g, cv2.COLOR_GRAY2BGR).astype(np.uint16) * 257,
+            "16-bit RGB image converted to 8-bit grayscale",
+        ),
+    ],
+)
 def test_colour_and_16_bit_files_read_as_the_8_bit_grey_original(tmp_path, capsys, convert, warning):
     grey = np.random.default_rng(0).integers(0, 256, (20, 30)).astype(np.uint8)
     path = str(tmp_path / "x.png")
@@ -167,7 +184,14 @@ def test_samples_per_slice_draws_distinct_crops_of_every_slice(data):
     crops = SelfDataSet(f"{root}/image", f"{root}/label", crop_size=32, seed=2, samples_per_slice=3)
     for i in range(n):
         full = crops.images[i][0]
-        found = [{(y, x) for y in range(full.shape[0] - 31) for x in range(full.shape[1] - 31)
-                  if np.array_equal(crops[i + k * n][0][0], full[y:y + 32, x:x + 32])} for k in range(3)]
+        found = [
+            {
+                (y, x)
+                for y in range(full.shape[0] - 31)
+                for x in range(full.shape[1] - 31)
+                if np.array_equal(crops[i + k * n][0][0], full[y : y + 32, x : x + 32])
+            }
+            for k in range(3)
+        ]
         assert all(found), f"a sample of slice {i} is not a crop of it"
         assert len(set.union(*found)) >= 2, "the three samples of a slice are the same crop"

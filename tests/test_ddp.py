@@ -1,11 +1,12 @@
 """Data-parallel training through the real launcher, two CPU processes."""
+
 import os
 
 import numpy as np
 import oneflow as flow
 
-from unet import UNet
 from conftest import TINY, free_port, run
+from unet import UNet
 
 
 def launch(*args):
@@ -14,7 +15,9 @@ def launch(*args):
 
 def test_two_processes_end_with_identical_weights(data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    launch("tests/ddp_worker.py", tmp_path, "--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", ckpt, *TINY)
+    launch(
+        "tests/ddp_worker.py", tmp_path, "--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", ckpt, *TINY
+    )
     r0, r1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
     assert sorted(r0.files) == sorted(r1.files) and len(r0.files) > 50
     for key in r0.files:
@@ -27,7 +30,9 @@ def test_two_processes_end_with_identical_weights(data, tmp_path):
 
 def test_launcher_command_trains_and_only_rank0_writes(data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    out = launch("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", ckpt, *TINY).stdout
+    out = launch(
+        "TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", ckpt, *TINY
+    ).stdout
     assert "batch 2 x 2 process(es)" in out
     assert out.count("epoch   2/2") == 1  # rank 1 prints nothing
     assert os.path.isfile(ckpt / "best" / "pickled_data")
@@ -40,12 +45,30 @@ def test_recipe_batch_is_split_over_processes():
     total = RECIPES["cpu"]["batch_size"]
     assert resolve_args(parse_args([]), cuda=False, world_size=1).batch_size == total
     assert resolve_args(parse_args([]), cuda=False, world_size=2).batch_size == total // 2
-    assert resolve_args(parse_args(["--batch_size", "3"]), cuda=False, world_size=2).batch_size == 3  # explicit: per process
+    assert (
+        resolve_args(parse_args(["--batch_size", "3"]), cuda=False, world_size=2).batch_size == 3
+    )  # explicit: per process
 
 
 def test_graph_under_the_launcher_says_why_not(data, tmp_path):
-    proc = run("-m", "oneflow.distributed.launch", "--nproc_per_node", 2, "--master_port", free_port(), "TrainUnetDataSet.py",
-               "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", tmp_path / "ckpt", "--graph", *TINY, check=False)
+    proc = run(
+        "-m",
+        "oneflow.distributed.launch",
+        "--nproc_per_node",
+        2,
+        "--master_port",
+        free_port(),
+        "TrainUnetDataSet.py",
+        "--data_path",
+        f"{data}/train",
+        "--epochs",
+        1,
+        "--checkpoint_dir",
+        tmp_path / "ckpt",
+        "--graph",
+        *TINY,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "error: --graph runs on one process" in proc.stderr
     assert not (tmp_path / "ckpt").exists()

@@ -1,6 +1,7 @@
 """Under the real launcher (two CPU ranks), a rank that dies ends the whole job, non-zero, with no rank
 left behind: killed mid-training, and killed at start-up while the other rank waits for it inside
 `import oneflow` (the case that hung before lifeline.py: that rank was left waiting forever)."""
+
 import os
 import signal
 import subprocess
@@ -52,8 +53,23 @@ def wait_until(condition, timeout, what):
 def test_a_dead_rank_ends_the_job(tmp_path, when):
     data = write_dataset(str(tmp_path / "data"), n_train=40, n_test=1)
     out = tmp_path / "out.txt"
-    cmd = [sys.executable, "-m", "oneflow.distributed.launch", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", "50", "--checkpoint_dir", str(tmp_path / "ckpt"), *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "oneflow.distributed.launch",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "TrainUnetDataSet.py",
+        "--data_path",
+        f"{data}/train",
+        "--epochs",
+        "50",
+        "--checkpoint_dir",
+        str(tmp_path / "ckpt"),
+        *TINY,
+    ]
     # Output to a file, not a pipe: a rank left behind would hold a pipe open and hang the test itself.
     with open(out, "w") as f:
         launcher = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)

@@ -1,18 +1,21 @@
-"""TrainUnetDataSet.evaluate: the validation scores that pick the best checkpoint."""
+"""training.evaluate: the validation scores that pick the best checkpoint."""
+
+from types import SimpleNamespace
+
 import oneflow as flow
 import pytest
 
 from dataloader import SelfDataSet
-from losses import SegmentationLoss
-from TrainUnetDataSet import evaluate
+from isbi_unet.losses import SegmentationLoss
+from isbi_unet.training import evaluate
 from unet import UNet
 
 
 def scores_for(val_set, make_logits):
     labels = iter(val_set.labels)
-    forward = lambda image: flow.tensor(make_logits(next(labels))[None])
-    model = UNet(width=4)  # only switched to eval mode
-    return evaluate(forward, model, val_set, SegmentationLoss("bce"), flow.device("cpu"), rank=0, world_size=1)
+    # An engine whose model is only switched to eval mode and whose inference returns the given logits.
+    engine = SimpleNamespace(model=UNet(width=4), infer=lambda image: flow.tensor(make_logits(next(labels))[None]))
+    return evaluate(engine, val_set, SegmentationLoss("bce"), flow.device("cpu"), epoch=1)
 
 
 def test_perfect_maps_score_one_and_wrong_ones_score_worse(data):

@@ -1,4 +1,5 @@
 """get_data.py: copy from a local folder, download over HTTP (a loopback server here), never half-install."""
+
 import functools
 import http.server
 import os
@@ -40,7 +41,9 @@ def test_downloads_when_no_local_copy(tmp_path, server):
 def test_failed_download_leaves_nothing(tmp_path, server):
     root, url = server
     os.remove(os.path.join(root, "test", "29.png"))  # the very last file is missing
-    proc = run("get_data.py", "--data_dir", tmp_path / "data", "--source", tmp_path / "absent", "--url", url, check=False)
+    proc = run(
+        "get_data.py", "--data_dir", tmp_path / "data", "--source", tmp_path / "absent", "--url", url, check=False
+    )
     assert_fails(proc, "test/29.png: download failed")
     assert os.listdir(tmp_path / "data") == []
 

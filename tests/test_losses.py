@@ -1,10 +1,11 @@
 """Losses against hand-computed values."""
+
 import math
 
 import oneflow as flow
 import pytest
 
-from losses import SegmentationLoss, soft_dice_loss
+from isbi_unet.losses import SegmentationLoss, soft_dice_loss
 
 
 def test_bce_matches_the_formula_and_weights_scale_it():
@@ -26,7 +27,9 @@ def test_dice_is_zero_for_a_confident_correct_map_and_one_for_the_opposite():
 def test_bce_dice_is_the_sum():
     logits, label = flow.randn(2, 1, 8, 8), (flow.rand(2, 1, 8, 8) > 0.5).float()
     total = SegmentationLoss("bce_dice")(logits, label).item()
-    assert total == pytest.approx(SegmentationLoss("bce")(logits, label).item() + soft_dice_loss(logits, label).item(), rel=1e-5)
+    assert total == pytest.approx(
+        SegmentationLoss("bce")(logits, label).item() + soft_dice_loss(logits, label).item(), rel=1e-5
+    )
 
 
 def test_unknown_loss_is_rejected():

@@ -1,4 +1,5 @@
-"""metrics.py: every expected score below is worked out by hand from the definitions."""
+"""isbi_unet.metrics and evaluate.py: every expected score below is worked out by hand from the definitions."""
+
 import math
 
 import cv2
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_fails, run
-from metrics import contingency, evaluate_slices, isbi_scores, pixel_error, rand_and_info_scores, segment
+from isbi_unet.metrics import contingency, evaluate_slices, isbi_scores, pixel_error, rand_and_info_scores, segment
 
 
 def grid_label():
@@ -45,9 +46,9 @@ def test_proposal_boundary_inside_gt_cells_counts_as_singletons():
     gt = np.array([[1, 1, 1, 0, 2, 2]])
     seg = np.array([[1, 0, 0, 0, 2, 2]])
     p, rows, cols, s, t = contingency(seg, gt)
-    assert np.sum(s ** 2) == pytest.approx((1 + 1 + 1 + 4) / 25)  # a single 0-segment would give 9/25
-    assert np.sum(p ** 2) == pytest.approx(7 / 25)
-    assert np.sum(t ** 2) == pytest.approx((9 + 4) / 25)
+    assert np.sum(s**2) == pytest.approx((1 + 1 + 1 + 4) / 25)  # a single 0-segment would give 9/25
+    assert np.sum(p**2) == pytest.approx(7 / 25)
+    assert np.sum(t**2) == pytest.approx((9 + 4) / 25)
     h_t = -(0.6 * math.log(0.6) + 0.4 * math.log(0.4))
     h_s = 3 * 0.2 * math.log(5) + 0.4 * math.log(2.5)
     # S refines T, so I(S;T) = H(T).
@@ -94,7 +95,8 @@ def test_segment_threshold_is_strict():
 def test_isbi_scores_perfect_and_all_cell():
     label = grid_label()
     assert isbi_scores(label / 255.0, label) == pytest.approx(
-        dict(v_rand=1.0, v_rand_threshold=0.0, v_info=1.0, v_info_threshold=0.0, pixel_error=0.0))
+        dict(v_rand=1.0, v_rand_threshold=0.0, v_info=1.0, v_info_threshold=0.0, pixel_error=0.0)
+    )
     # All cell: one segment over four equal cells -> V_rand = 2 (1/4) / (1 + 1/4) = 0.4 for t < 1.
     r = isbi_scores(np.ones((9, 9)), label)
     assert r["v_rand"] == pytest.approx(0.4)
@@ -104,13 +106,14 @@ def test_isbi_scores_perfect_and_all_cell():
 def test_stack_threshold_is_shared_by_all_slices():
     label = grid_label()
     cell = label > 127
-    low = np.where(cell, 0.35, 0.0)   # perfect for t <= 0.3, no cell (64 singletons) above
+    low = np.where(cell, 0.35, 0.0)  # perfect for t <= 0.3, no cell (64 singletons) above
     high = np.where(cell, 1.0, 0.65)  # all cell for t <= 0.6, perfect for 0.7 ... 0.9
     # V_rand per slice: perfect 1, all cell 0.4, singletons 2/17. Mean is best at t = 0.0: (1 + 0.4) / 2.
     # V_info per slice: perfect 1, all cell 0, singletons 2 log 4 / (log 64 + log 4) = 0.5.
     r = evaluate_slices([low, high], [label, label])
-    assert r == pytest.approx(dict(v_rand=0.7, v_rand_threshold=0.0, v_info=0.75, v_info_threshold=0.7,
-                                   pixel_error=(64 / 81 + 17 / 81) / 2))
+    assert r == pytest.approx(
+        dict(v_rand=0.7, v_rand_threshold=0.0, v_info=0.75, v_info_threshold=0.7, pixel_error=(64 / 81 + 17 / 81) / 2)
+    )
 
 
 def test_cli_prints_per_slice_and_mean(tmp_path):
@@ -121,7 +124,7 @@ def test_cli_prints_per_slice_and_mean(tmp_path):
     cv2.imwrite(str(tmp_path / "prob" / "1.png"), np.full_like(label, 255))
     for name in ("0.png", "1.png"):
         cv2.imwrite(str(tmp_path / "label" / name), label)
-    proc = run("metrics.py", "--prob_dir", tmp_path / "prob", "--label_dir", tmp_path / "label")
+    proc = run("evaluate.py", "--prob_dir", tmp_path / "prob", "--label_dir", tmp_path / "label")
     lines = proc.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["slice", "0.png", "1.png", "mean"]
     # Mean curve: V_rand (1 + 0.4) / 2 at t = 0, V_info (1 + 0) / 2 at t = 0, pixel error 17/81 / 2.
@@ -130,7 +133,7 @@ def test_cli_prints_per_slice_and_mean(tmp_path):
 
 def test_cli_missing_folder(tmp_path):
     (tmp_path / "label").mkdir()
-    proc = run("metrics.py", "--prob_dir", tmp_path / "nowhere", "--label_dir", tmp_path / "label", check=False)
+    proc = run("evaluate.py", "--prob_dir", tmp_path / "nowhere", "--label_dir", tmp_path / "label", check=False)
     assert_fails(proc, tmp_path / "nowhere")
     assert proc.stdout == ""
 
@@ -145,12 +148,18 @@ def test_cli_scores_the_mean_of_several_prob_dirs(tmp_path):
     for name, on_cells, on_membranes in (("a", 170, 170), ("b", 100, 0)):
         (tmp_path / name).mkdir()
         cv2.imwrite(str(tmp_path / name / "0.png"), np.where(cell, on_cells, on_membranes).astype(np.uint8))
-    last = lambda *dirs: run("metrics.py", "--prob_dir", *[tmp_path / d for d in dirs], "--label_dir",
-                             tmp_path / "label").stdout.strip().splitlines()[-1].split()
+    last = (
+        lambda *dirs: run("evaluate.py", "--prob_dir", *[tmp_path / d for d in dirs], "--label_dir", tmp_path / "label")
+        .stdout.strip()
+        .splitlines()[-1]
+        .split()
+    )
     assert last("a")[1:3] == ["0.4000", "0.0"] and last("b")[1:3] == ["1.0000", "0.0"]
     assert last("a", "b")[:5] == ["mean", "1.0000", "0.4", "1.0000", "0.4"]
 
     (tmp_path / "c").mkdir()
     cv2.imwrite(str(tmp_path / "c" / "1.png"), label)
-    proc = run("metrics.py", "--prob_dir", tmp_path / "a", tmp_path / "c", "--label_dir", tmp_path / "label", check=False)
+    proc = run(
+        "evaluate.py", "--prob_dir", tmp_path / "a", tmp_path / "c", "--label_dir", tmp_path / "label", check=False
+    )
     assert_fails(proc, tmp_path / "c" / "0.png", "missing")

@@ -1,8 +1,9 @@
 """plot.py on hand-made logs: the old columns, the new metric columns, blanks and bad input."""
+
 import cv2
 
 from conftest import assert_fails, run
-from plot import plot_losses, read_log
+from isbi_unet.figures import plot_losses, read_log
 
 OLD = """epoch,train_loss,val_loss,lr,seconds
 1,0.69,0.68,0.001,50.1
@@ -18,7 +19,9 @@ NEW = """epoch,train_loss,val_loss,v_rand,v_info,pixel_error,lr,seconds
 
 def test_old_log_gives_one_loss_panel(tmp_path):
     (tmp_path / "log.csv").write_text(OLD)
-    assert plot_losses(read_log(str(tmp_path / "log.csv")), str(tmp_path / "a.png")) == [["train loss", "validation loss"]]
+    assert plot_losses(read_log(str(tmp_path / "log.csv")), str(tmp_path / "a.png")) == [
+        ["train loss", "validation loss"]
+    ]
     out = run("plot.py", "--log", tmp_path / "log.csv").stdout.strip()
     assert out == str(tmp_path / "loss.png") and cv2.imread(out).shape == (480, 720, 3)
 
@@ -44,11 +47,15 @@ def test_bad_logs_and_unwritable_output(tmp_path):
     (tmp_path / "log.csv").write_text(OLD)
     blocker = tmp_path / "somefile"
     blocker.write_text("x")
-    assert_fails(run("plot.py", "--log", tmp_path / "log.csv", "--out", blocker / "loss.png", check=False), blocker, "--out")
+    assert_fails(
+        run("plot.py", "--log", tmp_path / "log.csv", "--out", blocker / "loss.png", check=False), blocker, "--out"
+    )
 
 
 def test_a_figure_that_cannot_be_written_is_one_line_naming_it(tmp_path):
     (tmp_path / "log.csv").write_text(OLD)
     folder = tmp_path / "loss.png"  # passes the folder check, then the write itself fails
     folder.mkdir()
-    assert_fails(run("plot.py", "--log", tmp_path / "log.csv", "--out", folder, check=False), folder, "cannot write the plot")
+    assert_fails(
+        run("plot.py", "--log", tmp_path / "log.csv", "--out", folder, check=False), folder, "cannot write the plot"
+    )

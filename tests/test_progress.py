@@ -1,4 +1,5 @@
 """The per-epoch progress bar: on a terminal (a pseudo-terminal here) with loss and img/s, never in logs."""
+
 import fcntl
 import os
 import pty
@@ -15,7 +16,9 @@ def run_with_terminal_stderr(*args):
     """Runs `python3 ARGS...` with stderr on a pseudo-terminal, as in an interactive shell; (stdout, stderr)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # rows, columns, as a real terminal has
-    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, stdout=subprocess.PIPE, stderr=slave, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *map(str, args)], cwd=REPO, stdout=subprocess.PIPE, stderr=slave, text=True
+    )
     os.close(slave)
     chunks = []
     while True:

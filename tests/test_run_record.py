@@ -1,4 +1,5 @@
 """Run records: training's config.json and prediction's run.json say what produced them."""
+
 import json
 import os
 import subprocess
@@ -6,7 +7,7 @@ import subprocess
 import oneflow as flow
 
 from conftest import REPO, TINY, run
-from run_record import run_record
+from isbi_unet.record import run_record
 
 
 def git(*args):
@@ -39,7 +40,15 @@ def test_training_and_prediction_write_their_records(data, tmp_path):
     assert config["git_commit"] == git("rev-parse", "HEAD")
     assert "TrainUnetDataSet.py --data_path" in config["command"] and "--width 4" in config["command"]
 
-    run("predict_unet_test.py", "--checkpoint", ckpt / "best", "--Test_Data_path", f"{data}/test", "--save_res_path", res)
+    run(
+        "predict_unet_test.py",
+        "--checkpoint",
+        ckpt / "best",
+        "--Test_Data_path",
+        f"{data}/test",
+        "--save_res_path",
+        res,
+    )
     record = json.loads((res / "run.json").read_text())
     assert record["args"]["checkpoint"] == str(ckpt / "best") and record["checkpoint_epoch"] == 1
     assert record["model_config"]["width"] == 4 and record["git_commit"] == config["git_commit"]

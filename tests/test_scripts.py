@@ -1,4 +1,5 @@
 """The real scripts end to end: train -> checkpoint -> predict -> plot, and resume."""
+
 import csv
 import json
 import os
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, assert_fails, run
-from errors import DataError
+from isbi_unet.errors import DataError
 
 
 def read_log(path):
@@ -17,7 +18,8 @@ def read_log(path):
 
 
 def test_held_out_block_is_contiguous_and_movable(data):
-    from TrainUnetDataSet import split_names
+    from isbi_unet.images import split_names
+
     names = [f"{i}.png" for i in range(6)]
     assert split_names(f"{data}/train", 2) == (names[:4], names[4:])  # the last block by default
     assert split_names(f"{data}/train", 2, 0) == (names[2:], names[:2])
@@ -28,8 +30,18 @@ def test_held_out_block_is_contiguous_and_movable(data):
 
 def test_train_predict_plot_round_trip(data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    out = run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", ckpt, *TINY,
-              "--samples_per_slice", 3).stdout
+    out = run(
+        "TrainUnetDataSet.py",
+        "--data_path",
+        f"{data}/train",
+        "--epochs",
+        2,
+        "--checkpoint_dir",
+        ckpt,
+        *TINY,
+        "--samples_per_slice",
+        3,
+    ).stdout
     assert "recipe cpu (--recipe" not in out and "recipe cpu (no CUDA device)" in out
     assert "4 training slices x 3 sample(s) per epoch, 2 validation slices" in out
     for name in ("best", "last"):
@@ -38,11 +50,24 @@ def test_train_predict_plot_round_trip(data, tmp_path):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert all(np.isfinite(float(r["train_loss"])) and np.isfinite(float(r["val_loss"])) for r in rows)
     config = json.loads((ckpt / "config.json").read_text())
-    assert config["width"] == 4 and config["crop_size"] == 32 and config["samples_per_slice"] == 3 and config["world_size"] == 1
+    assert (
+        config["width"] == 4
+        and config["crop_size"] == 32
+        and config["samples_per_slice"] == 3
+        and config["world_size"] == 1
+    )
     assert (ckpt / "loss.png").is_file()
 
     res = tmp_path / "res"
-    out = run("predict_unet_test.py", "--checkpoint", ckpt / "best", "--Test_Data_path", f"{data}/test", "--save_res_path", res).stdout
+    out = run(
+        "predict_unet_test.py",
+        "--checkpoint",
+        ckpt / "best",
+        "--Test_Data_path",
+        f"{data}/test",
+        "--save_res_path",
+        res,
+    ).stdout
     assert "3 masks" in out
     for i in range(3):
         mask = cv2.imread(str(res / f"{i}.png"), cv2.IMREAD_UNCHANGED)
@@ -60,8 +85,18 @@ def test_train_predict_plot_round_trip(data, tmp_path):
 def test_resume_continues_from_saved_epoch(data, tmp_path):
     ckpt = tmp_path / "ckpt"
     run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, *TINY)
-    out = run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 3, "--checkpoint_dir", ckpt,
-              "--resume", ckpt / "last", *TINY).stdout
+    out = run(
+        "TrainUnetDataSet.py",
+        "--data_path",
+        f"{data}/train",
+        "--epochs",
+        3,
+        "--checkpoint_dir",
+        ckpt,
+        "--resume",
+        ckpt / "last",
+        *TINY,
+    ).stdout
     assert "epoch   1/3" not in out and "epoch   2/3" in out and "epoch   3/3" in out
     assert [r["epoch"] for r in read_log(ckpt / "log.csv")] == ["1", "2", "3"]
 
@@ -69,15 +104,29 @@ def test_resume_continues_from_saved_epoch(data, tmp_path):
 def test_lr_reaches_the_optimizer(data, tmp_path):
     # The article's lr never reached Adam; here a zero-effect lr must leave the weights untouched.
     import oneflow as flow
-    from checkpoint import load_checkpoint
+
+    from isbi_unet.checkpoint import load_checkpoint
 
     ckpt = tmp_path / "ckpt"
-    run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, "--lr", 1e-12,
-        "--schedule", "constant", *TINY)
+    run(
+        "TrainUnetDataSet.py",
+        "--data_path",
+        f"{data}/train",
+        "--epochs",
+        1,
+        "--checkpoint_dir",
+        ckpt,
+        "--lr",
+        1e-12,
+        "--schedule",
+        "constant",
+        *TINY,
+    )
     state = load_checkpoint(str(ckpt / "last"))
     assert state["optimizer"]["param_groups"][0]["_options"]["lr"] == 1e-12
     flow.manual_seed(0)
     from unet import UNet
+
     fresh = UNet(**state["model_config"]).state_dict()
     w = state["model"]["inc.double_conv.0.weight"].numpy()
     np.testing.assert_allclose(w, fresh["inc.double_conv.0.weight"].numpy(), atol=1e-8)
@@ -85,18 +134,48 @@ def test_lr_reaches_the_optimizer(data, tmp_path):
 
 def test_bilinear_model_trains_and_predicts(data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, "--bilinear", *TINY)
-    run("predict_unet_test.py", "--checkpoint", ckpt / "best", "--Test_Data_path", f"{data}/test", "--save_res_path", tmp_path / "res")
+    run(
+        "TrainUnetDataSet.py",
+        "--data_path",
+        f"{data}/train",
+        "--epochs",
+        1,
+        "--checkpoint_dir",
+        ckpt,
+        "--bilinear",
+        *TINY,
+    )
+    run(
+        "predict_unet_test.py",
+        "--checkpoint",
+        ckpt / "best",
+        "--Test_Data_path",
+        f"{data}/test",
+        "--save_res_path",
+        tmp_path / "res",
+    )
     assert len(os.listdir(tmp_path / "res" / "prob")) == 3
 
 
 def test_cosine_schedule_reaches_the_optimizer(data, tmp_path):
-    from checkpoint import load_checkpoint
+    from isbi_unet.checkpoint import load_checkpoint
 
     ckpt = tmp_path / "ckpt"
     # 4 training slices, batch 2: 2 steps per epoch, 4 in all; after epoch 1 the cosine is at its middle.
-    run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", ckpt, "--lr", 0.01,
-        "--schedule", "cosine", *TINY)
+    run(
+        "TrainUnetDataSet.py",
+        "--data_path",
+        f"{data}/train",
+        "--epochs",
+        2,
+        "--checkpoint_dir",
+        ckpt,
+        "--lr",
+        0.01,
+        "--schedule",
+        "cosine",
+        *TINY,
+    )
     with open(ckpt / "log.csv") as f:
         lrs = [float(row["lr"]) for row in csv.DictReader(f)]
     assert lrs == pytest.approx([0.005, 0.0])
@@ -105,12 +184,21 @@ def test_cosine_schedule_reaches_the_optimizer(data, tmp_path):
 
 
 def test_graph_and_eager_training_agree(data, tmp_path):
-    from checkpoint import load_checkpoint
+    from isbi_unet.checkpoint import load_checkpoint
 
     # 4 training slices in batches of 2: no short batch for the graph to drop, so both see the same data.
     for mode in ("eager", "graph"):
-        run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", tmp_path / mode,
-            *TINY, *(["--graph"] if mode == "graph" else []))
+        run(
+            "TrainUnetDataSet.py",
+            "--data_path",
+            f"{data}/train",
+            "--epochs",
+            2,
+            "--checkpoint_dir",
+            tmp_path / mode,
+            *TINY,
+            *(["--graph"] if mode == "graph" else []),
+        )
     eager, graph = (load_checkpoint(str(tmp_path / m / "last")) for m in ("eager", "graph"))
     assert "graph" in graph and "optimizer" in eager
     for key, value in eager["model"].items():
@@ -120,7 +208,9 @@ def test_graph_and_eager_training_agree(data, tmp_path):
         # a step up to lr (1e-3) apart, so single weights may differ by ~1e-5 while the mean stays far below.
         np.testing.assert_allclose(graph["model"][key].numpy(), value.numpy(), rtol=1e-3, atol=1e-4, err_msg=key)
         assert np.abs(graph["model"][key].numpy() - value.numpy()).mean() < 1e-6, key
-    moved = np.abs(eager["model"]["inc.double_conv.0.weight"].numpy() - graph["model"]["inc.double_conv.0.weight"].numpy()).max()
+    moved = np.abs(
+        eager["model"]["inc.double_conv.0.weight"].numpy() - graph["model"]["inc.double_conv.0.weight"].numpy()
+    ).max()
     rows = {m: read_log(tmp_path / m / "log.csv") for m in ("eager", "graph")}
     for a, b in zip(rows["eager"], rows["graph"]):
         assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), abs=1e-4)
@@ -129,14 +219,36 @@ def test_graph_and_eager_training_agree(data, tmp_path):
 
 def test_graph_checkpoint_resumes_in_graph_mode(data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, "--graph", *TINY)
-    out = run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", ckpt, "--graph",
-              "--resume", ckpt / "last", *TINY).stdout
+    run(
+        "TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, "--graph", *TINY
+    )
+    out = run(
+        "TrainUnetDataSet.py",
+        "--data_path",
+        f"{data}/train",
+        "--epochs",
+        2,
+        "--checkpoint_dir",
+        ckpt,
+        "--graph",
+        "--resume",
+        ckpt / "last",
+        *TINY,
+    ).stdout
     assert "Adam's moments restart" not in out and "epoch   2/2" in out
     assert [r["epoch"] for r in read_log(ckpt / "log.csv")] == ["1", "2"]
     # and it predicts like any checkpoint, also through a graph
     res = tmp_path / "res"
-    out = run("predict_unet_test.py", "--checkpoint", ckpt / "best", "--Test_Data_path", f"{data}/test", "--save_res_path", res, "--graph").stdout
+    out = run(
+        "predict_unet_test.py",
+        "--checkpoint",
+        ckpt / "best",
+        "--Test_Data_path",
+        f"{data}/test",
+        "--save_res_path",
+        res,
+        "--graph",
+    ).stdout
     assert "3 masks" in out and "graph" in out
 
 
@@ -146,8 +258,18 @@ def test_prediction_options_and_submission_stack(data, tmp_path):
     probs = {}
     for name, extra in {"whole": [], "tiles": ["--tile", "32", "--overlap", "16"], "tta": ["--tta"]}.items():
         res = tmp_path / name
-        out = run("predict_unet_test.py", "--checkpoint", ckpt / "best", "--Test_Data_path", f"{data}/train/image",
-                  "--label_path", f"{data}/train/label", "--save_res_path", res, *extra).stdout
+        out = run(
+            "predict_unet_test.py",
+            "--checkpoint",
+            ckpt / "best",
+            "--Test_Data_path",
+            f"{data}/train/image",
+            "--label_path",
+            f"{data}/train/label",
+            "--save_res_path",
+            res,
+            *extra,
+        ).stdout
         assert out.splitlines()[-1].startswith("mean")  # the score table, one row per slice and the stack
         assert len(out.splitlines()) == 1 + 1 + 6 + 1
         ok, pages = cv2.imreadmulti(str(res / "submission.tif"), flags=cv2.IMREAD_UNCHANGED)
@@ -164,8 +286,17 @@ def test_prediction_workers_write_the_same_results_as_one_process(data, tmp_path
     ckpt = tmp_path / "ckpt"
     run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, *TINY)
     for workers in (1, 2):
-        out = run("predict_unet_test.py", "--checkpoint", ckpt / "best", "--Test_Data_path", f"{data}/test",
-                  "--save_res_path", tmp_path / f"w{workers}", "--workers", workers).stdout
+        out = run(
+            "predict_unet_test.py",
+            "--checkpoint",
+            ckpt / "best",
+            "--Test_Data_path",
+            f"{data}/test",
+            "--save_res_path",
+            tmp_path / f"w{workers}",
+            "--workers",
+            workers,
+        ).stdout
         assert f"x {workers} process(es)" in out
     assert (tmp_path / "w1" / "submission.tif").read_bytes() == (tmp_path / "w2" / "submission.tif").read_bytes()
     for i in range(3):
@@ -175,11 +306,31 @@ def test_prediction_workers_write_the_same_results_as_one_process(data, tmp_path
 def test_several_checkpoints_average_their_probabilities(data, tmp_path):
     ckpts = [tmp_path / f"seed{s}" for s in (0, 1)]
     for seed, ckpt in zip((0, 1), ckpts):
-        run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, *TINY, "--seed", seed)
+        run(
+            "TrainUnetDataSet.py",
+            "--data_path",
+            f"{data}/train",
+            "--epochs",
+            1,
+            "--checkpoint_dir",
+            ckpt,
+            *TINY,
+            "--seed",
+            seed,
+        )
     pages = {}
     for name, chosen in {"a": ckpts[:1], "b": ckpts[1:], "ab": ckpts}.items():
-        out = run("predict_unet_test.py", "--checkpoint", *[c / "last" for c in chosen], "--Test_Data_path", f"{data}/test",
-                  "--save_res_path", tmp_path / name, "--workers", 1).stdout
+        out = run(
+            "predict_unet_test.py",
+            "--checkpoint",
+            *[c / "last" for c in chosen],
+            "--Test_Data_path",
+            f"{data}/test",
+            "--save_res_path",
+            tmp_path / name,
+            "--workers",
+            1,
+        ).stdout
         ok, pages[name] = cv2.imreadmulti(str(tmp_path / name / "submission.tif"), flags=cv2.IMREAD_UNCHANGED)
         assert ok and len(pages[name]) == 3
     assert "mean of 2 checkpoints, epochs 1, 1" in out
@@ -190,7 +341,16 @@ def test_several_checkpoints_average_their_probabilities(data, tmp_path):
     assert record["args"]["checkpoint"] == [str(c / "last") for c in ckpts] and record["checkpoint_epoch"] == [1, 1]
     assert [c["width"] for c in record["model_config"]] == [4, 4]
 
-    proc = run("predict_unet_test.py", "--checkpoint", ckpts[0] / "last", tmp_path / "none", "--Test_Data_path", f"{data}/test",
-               "--save_res_path", tmp_path / "bad", check=False)
+    proc = run(
+        "predict_unet_test.py",
+        "--checkpoint",
+        ckpts[0] / "last",
+        tmp_path / "none",
+        "--Test_Data_path",
+        f"{data}/test",
+        "--save_res_path",
+        tmp_path / "bad",
+        check=False,
+    )
     assert_fails(proc, tmp_path / "none")
     assert not (tmp_path / "bad").exists()  # a bad checkpoint anywhere in the list: nothing written

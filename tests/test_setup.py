@@ -1,4 +1,6 @@
-"""setup.sh: a clear refusal without a usable Python, and a venv whose activate alone makes OneFlow import and pins its BLAS kernels."""
+"""setup.sh: a clear refusal without a usable Python, and a venv whose activate alone makes OneFlow import and
+pins its BLAS kernels."""
+
 import os
 import shutil
 import subprocess
@@ -7,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from run_record import cpu_info
+from isbi_unet.record import cpu_info
 
 
 def test_no_suitable_python_is_a_clear_error(tmp_path):
@@ -21,8 +23,13 @@ def test_no_suitable_python_is_a_clear_error(tmp_path):
     # the only Python on PATH is too new for OneFlow 0.9.0 (or, on a 3.7-3.10 CI, pretends to be)
     (bin_dir / "python3").write_text("#!/bin/sh\nexit 1\n")
     (bin_dir / "python3").chmod(0o755)
-    proc = subprocess.run(["bash", "-c", "source setup.sh"], cwd=repo, capture_output=True, text=True,
-                          env={"PATH": str(bin_dir), "HOME": str(tmp_path)})
+    proc = subprocess.run(
+        ["bash", "-c", "source setup.sh"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+    )
     assert proc.returncode != 0
     assert "no CPython 3.7-3.10 found" in proc.stderr and "install Python 3.10" in proc.stderr
     assert not (repo / ".venv").exists()
@@ -31,8 +38,12 @@ def test_no_suitable_python_is_a_clear_error(tmp_path):
 def run_activated(command, **env):
     """`command` in bash after sourcing this venv's activate, with nothing else in the environment but env."""
     venv = os.path.dirname(os.path.dirname(sys.executable))
-    proc = subprocess.run(["bash", "-c", f"source {venv}/bin/activate && {command}"], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), **env})
+    proc = subprocess.run(
+        ["bash", "-c", f"source {venv}/bin/activate && {command}"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), **env},
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -41,11 +52,13 @@ def test_activated_venv_imports_oneflow_in_a_clean_environment():
     assert run_activated("python3 -c 'import oneflow; print(oneflow.__version__)'").strip() == "0.9.0"
 
 
-CONV = ("import hashlib, os, numpy as np, oneflow as flow; "
-        "x = flow.tensor(np.random.default_rng(0).standard_normal((2, 16, 32, 32), dtype=np.float32)); "
-        "w = flow.tensor(np.random.default_rng(1).standard_normal((16, 16, 3, 3), dtype=np.float32)); "
-        "y = flow._C.conv2d(x, w, None, stride=1, padding=1).numpy(); "
-        "print(os.environ.get('OPENBLAS_CORETYPE'), hashlib.sha1(y.tobytes()).hexdigest())")
+CONV = (
+    "import hashlib, os, numpy as np, oneflow as flow; "
+    "x = flow.tensor(np.random.default_rng(0).standard_normal((2, 16, 32, 32), dtype=np.float32)); "
+    "w = flow.tensor(np.random.default_rng(1).standard_normal((16, 16, 3, 3), dtype=np.float32)); "
+    "y = flow._C.conv2d(x, w, None, stride=1, padding=1).numpy(); "
+    "print(os.environ.get('OPENBLAS_CORETYPE'), hashlib.sha1(y.tobytes()).hexdigest())"
+)
 
 
 def test_activated_venv_runs_the_same_blas_kernels_on_every_avx2_cpu():

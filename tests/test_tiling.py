@@ -1,19 +1,20 @@
 """tiling.py with hand-made forwards in numpy: no model needed."""
+
 import os
 
 import cv2
 import numpy as np
 import pytest
 
-from dataloader import dihedral
-from tiling import axis_plan, inverse_dihedral, predict_tiled, ramp, write_isbi_tiff
+from isbi_unet.images import dihedral, inverse_dihedral
+from isbi_unet.tiling import axis_plan, predict_tiled, ramp, write_isbi_tiff
 
 
 def box_sigmoid(batch):
     """3x3 mean with mirrored borders, then sigmoid: translation- and flip/rotation-equivariant."""
     p = np.pad(batch, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
     h, w = batch.shape[-2:]
-    s = sum(p[..., dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 9.0
+    s = sum(p[..., dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)) / 9.0
     return (1.0 / (1.0 + np.exp(-8.0 * (s - 0.5)))).astype(np.float32)
 
 
@@ -26,8 +27,18 @@ def image_of(h, w, seed=0):
 
 
 # (tile, overlap, H, W): smaller than a tile, non-square, not multiples of 16, many tiles, odd overlaps.
-CASES = [(64, 16, 37, 45), (256, 64, 600, 520), (32, 16, 37, 45), (64, 24, 100, 17), (256, 64, 512, 512),
-         (128, 32, 16, 300), (48, 0, 96, 50), (64, 40, 130, 129), (0, 0, 37, 45), (None, 0, 600, 520)]
+CASES = [
+    (64, 16, 37, 45),
+    (256, 64, 600, 520),
+    (32, 16, 37, 45),
+    (64, 24, 100, 17),
+    (256, 64, 512, 512),
+    (128, 32, 16, 300),
+    (48, 0, 96, 50),
+    (64, 40, 130, 129),
+    (0, 0, 37, 45),
+    (None, 0, 600, 520),
+]
 
 
 @pytest.mark.parametrize("tile,overlap,h,w", CASES)
@@ -49,7 +60,9 @@ def test_tiles_agree_with_one_whole_image_pass_when_overlap_covers_the_receptive
     # The box filter sees 1 px around each pixel; the ramp drops overlap/4 >= 1 px at tile edges, where a
     # tile's own mirroring would differ from the real neighbours, so the blend is exact up to round-off.
     image = image_of(h, w)
-    np.testing.assert_allclose(predict_tiled(box_sigmoid, image, tile=tile, overlap=overlap), box_sigmoid(image[None])[0], atol=1e-6)
+    np.testing.assert_allclose(
+        predict_tiled(box_sigmoid, image, tile=tile, overlap=overlap), box_sigmoid(image[None])[0], atol=1e-6
+    )
 
 
 def test_without_overlap_the_seams_show():
@@ -107,7 +120,9 @@ def test_tta_with_identity_gives_the_image_back(tile, overlap, h, w):
 def test_tta_changes_nothing_for_an_equivariant_forward(tile, overlap, h, w):
     image = image_of(h, w)
     plain = predict_tiled(box_sigmoid, image, tile=tile, overlap=overlap)
-    np.testing.assert_allclose(predict_tiled(box_sigmoid, image, tile=tile, overlap=overlap, tta=True), plain, atol=1e-6)
+    np.testing.assert_allclose(
+        predict_tiled(box_sigmoid, image, tile=tile, overlap=overlap, tta=True), plain, atol=1e-6
+    )
 
 
 def test_tta_averages_a_non_equivariant_forward_by_hand():
@@ -121,15 +136,22 @@ def test_tta_averages_a_non_equivariant_forward_by_hand():
     h, w = 32, 48
     v, u = np.mgrid[:h, :w]
     u, v = u / (w - 1), v / (h - 1)
-    expected = (u ** 2 + (1 - u) ** 2 + v ** 2 + (1 - v) ** 2) / 4
+    expected = (u**2 + (1 - u) ** 2 + v**2 + (1 - v) ** 2) / 4
     out = predict_tiled(squared_ramp, image_of(h, w), tile=0, tta=True)
     np.testing.assert_allclose(out[0], expected, atol=1e-6)
-    np.testing.assert_allclose(predict_tiled(squared_ramp, image_of(h, w), tile=0)[0], u ** 2, atol=1e-6)
+    np.testing.assert_allclose(predict_tiled(squared_ramp, image_of(h, w), tile=0)[0], u**2, atol=1e-6)
 
 
-@pytest.mark.parametrize("tile,overlap,fragment", [(100, 16, "multiple of 16"), (8, 0, "multiple of 16"),
-                                                   (-16, 0, "multiple of 16"), (64, 56, "overlap must lie"),
-                                                   (64, -16, "overlap must lie")])
+@pytest.mark.parametrize(
+    "tile,overlap,fragment",
+    [
+        (100, 16, "multiple of 16"),
+        (8, 0, "multiple of 16"),
+        (-16, 0, "multiple of 16"),
+        (64, 56, "overlap must lie"),
+        (64, -16, "overlap must lie"),
+    ],
+)
 def test_bad_tiling_is_refused_with_a_clear_message(tile, overlap, fragment):
     with pytest.raises(ValueError, match=fragment):
         predict_tiled(identity, image_of(64, 64), tile=tile, overlap=overlap)
@@ -147,6 +169,7 @@ def test_bad_images_and_forwards_are_refused():
 
 
 # --- write_isbi_tiff ------------------------------------------------------------------------------
+
 
 def test_isbi_tiff_round_trips_as_one_float32_stack(tmp_path):
     rng = np.random.default_rng(0)

@@ -1,4 +1,5 @@
 """visualize.py on synthetic slices and hand-made prediction files."""
+
 import json
 import os
 import shutil
@@ -46,8 +47,23 @@ def test_overlays_and_figure_without_labels(predicted):
 
 def test_figure_with_labels_and_shrunk_overlays(predicted, tmp_path):
     data, res = predicted
-    run("visualize.py", "--res_path", res, "--image_path", f"{data}/train/image", "--label_path", f"{data}/train/label",
-        "--n", 2, "--figure", tmp_path / "fig.png", "--overlay_dir", tmp_path / "ov", "--max_side", 24)
+    run(
+        "visualize.py",
+        "--res_path",
+        res,
+        "--image_path",
+        f"{data}/train/image",
+        "--label_path",
+        f"{data}/train/label",
+        "--n",
+        2,
+        "--figure",
+        tmp_path / "fig.png",
+        "--overlay_dir",
+        tmp_path / "ov",
+        "--max_side",
+        24,
+    )
     assert cv2.imread(str(tmp_path / "fig.png")).shape[:2] == (620, 1200)
     assert sorted(os.listdir(tmp_path / "ov")) == ["0.png", "1.png"]
     assert cv2.imread(str(tmp_path / "ov" / "0.png")).shape == (24, 24, 3)
@@ -66,7 +82,16 @@ def test_bad_flags_and_unknown_images(predicted, tmp_path):
     os.remove(res / "run.json")
     assert_fails(run("visualize.py", "--res_path", res, check=False), res / "run.json", "--image_path")
     cv2.imwrite(f"{data}/train/label/0.png", np.full((48, 48), 128, np.uint8))
-    proc = run("visualize.py", "--res_path", res, "--image_path", f"{data}/train/image", "--label_path", f"{data}/train/label", check=False)
+    proc = run(
+        "visualize.py",
+        "--res_path",
+        res,
+        "--image_path",
+        f"{data}/train/image",
+        "--label_path",
+        f"{data}/train/label",
+        check=False,
+    )
     assert_fails(proc, f"{data}/train/label/0.png", "not a binary label")
 
 
@@ -76,8 +101,14 @@ def test_make_docs_draws_the_readme_pictures_from_a_run(data, tmp_path):
     ckpt = tmp_path / "ckpt"
     run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", ckpt, *TINY)
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-    proc = subprocess.run(["bash", "docs/make_docs.sh", str(ckpt), str(tmp_path / "out")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "tools/make_docs.sh", str(ckpt), str(tmp_path / "out")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "2 masks" in proc.stdout  # the two held-out slices (--val_slices 2), 4.png and 5.png
     assert cv2.imread(str(tmp_path / "out" / "figure.png")).shape[:2] == (372, 720)  # 2 rows at dpi 60
@@ -85,8 +116,10 @@ def test_make_docs_draws_the_readme_pictures_from_a_run(data, tmp_path):
     assert cv2.imread(str(tmp_path / "out" / "loss.png")) is not None
 
 
-@pytest.mark.parametrize("args,res", [([], "results"), (["--save_res_path", "r2", "--checkpoint", "c"], "r2"),
-                                      (["--save-res-path=r3"], "r3")])
+@pytest.mark.parametrize(
+    "args,res",
+    [([], "results"), (["--save_res_path", "r2", "--checkpoint", "c"], "r2"), (["--save-res-path=r3"], "r3")],
+)
 def test_test_sh_hands_the_results_folder_to_visualize(tmp_path, args, res):
     # test.sh itself, with stand-ins for setup and the Python scripts that record their arguments.
     from conftest import REPO
@@ -94,15 +127,22 @@ def test_test_sh_hands_the_results_folder_to_visualize(tmp_path, args, res):
     shutil.copy(os.path.join(REPO, "test.sh"), tmp_path)
     (tmp_path / "setup.sh").write_text("")
     for script in ("get_data.py", "predict_unet_test.py", "visualize.py"):
-        (tmp_path / script).write_text(f"import sys\nopen('calls', 'a').write(' '.join(['{script}', *sys.argv[1:]]) + '\\n')\n")
+        (tmp_path / script).write_text(
+            f"import sys\nopen('calls', 'a').write(' '.join(['{script}', *sys.argv[1:]]) + '\\n')\n"
+        )
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
     subprocess.run(["bash", "test.sh", *args], cwd=tmp_path, env=env, check=True)
     assert (tmp_path / "calls").read_text().splitlines() == [
-        "get_data.py", " ".join(["predict_unet_test.py", *args]), f"visualize.py --res_path {res}"]
+        "get_data.py",
+        " ".join(["predict_unet_test.py", *args]),
+        f"visualize.py --res_path {res}",
+    ]
 
 
 @pytest.mark.parametrize("palette", [[], ["--palette"]])
 def test_a_figure_that_cannot_be_written_is_one_line_naming_it(predicted, palette):
     data, res = predicted
     (res / "figure.png").mkdir()
-    assert_fails(run("visualize.py", "--res_path", res, *palette, check=False), res / "figure.png", "cannot write the figure")
+    assert_fails(
+        run("visualize.py", "--res_path", res, *palette, check=False), res / "figure.png", "cannot write the figure"
+    )

@@ -6,6 +6,7 @@
 Either takes an optional per-pixel weight map (the U-Net paper's border weights, --border_weight), which
 scales the BCE term. Works in eager mode and inside nn.Graph.
 """
+
 import oneflow as flow
 import oneflow.nn as nn
 import oneflow.nn.functional as F

@@ -6,11 +6,7 @@
 
 Arrays are the dataset's float32 1xHxW (image in [0, 1], label 1 = cell, 0 = membrane); `rng` is a
 numpy Generator, so a seeded one gives the same result every time. numpy and OpenCV only.
-
-    python3 augment.py --label data/train/label/0.png     # times all three on a real slice
 """
-import argparse
-import time
 
 import cv2
 import numpy as np
@@ -45,16 +41,16 @@ def elastic_deform(image, label, rng, grid=3, sigma=10.0, weight=None):
     Output pixel (x, y) takes the input at (x + dx, y + dy), so content moves by -(dx, dy). Borders
     are mirrored. The image is interpolated bilinearly, which keeps it within its input range up to
     float round-off (bicubic would overshoot [0, 1]). The label takes the nearest pixel, so it stays
-    exactly 0/1 (only 0.01 % of ISBI membrane pixels lie on a 1-px-thin stretch, the only kind that
-    nearest sampling under a gentle stretch can skip), and so does a weight map, so that every pixel keeps the weight of the label pixel it
-    came from (bilinear would smear membrane weights onto cell pixels along every edge). cv2.remap
+    exactly 0/1 (nearest sampling under a gentle stretch can skip only 1-px-thin stretches of membrane,
+    which are rare), and so does a weight map, so that every pixel keeps the weight of the label pixel
+    it came from (bilinear would smear membrane weights onto cell pixels along every edge). cv2.remap
     quantises sample positions to 1/32 px; with sigma=0 every position is an integer and the output
     equals the input bit for bit.
 
     Deforming a precomputed weight map (the paper precomputes them) rather than recomputing it on the
     deformed label: the field stretches distances by a few percent only, while recomputing costs
     tens of ms per sample and, on a crop, loses the gaps whose second cell lies outside it.
-    `python3 augment.py --label ...` prints how far the two differ.
+    `python3 tools/bench_core.py --label ...` prints how far the two differ.
 
     Returns (image, label), or (image, label, weight) when `weight` is given; float32, each in its
     input's shape (1xHxW, or CxHxW for an image of several channels, all warped alike).
@@ -151,48 +147,5 @@ def border_weight_map(label, w0=10.0, sigma=5.0, cell_fraction=None):
     d1, d2 = two_nearest_cell_distances(cells, cutoff=6.0 * sigma)
     gap = ~cells & np.isfinite(d2)
     d = d1[gap].astype(np.float64) + d2[gap]
-    weight[gap] += w0 * np.exp(-d ** 2 / (2.0 * sigma ** 2))
+    weight[gap] += w0 * np.exp(-(d**2) / (2.0 * sigma**2))
     return weight.reshape(label.shape)
-
-
-def best_ms(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * min(times)
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--label", required=True, help="a label PNG (255 = cell, 0 = membrane)")
-    p.add_argument("--repeat", type=int, default=20, help="timing repeats (the best is shown)")
-    args = p.parse_args()
-    raw = cv2.imread(args.label, cv2.IMREAD_GRAYSCALE)
-    if raw is None:
-        raise SystemExit(f"error: {args.label}: not a readable image")
-    label = (raw > 127).astype(np.float32)[None]
-    rng = np.random.default_rng(0)
-    cells = cv2.connectedComponents((raw > 127).astype(np.uint8), connectivity=4)[0] - 1
-    t = best_ms(lambda: border_weight_map(label), max(1, args.repeat // 4))
-    print(f"border_weight_map {label.shape[2]}x{label.shape[1]}, {cells} cells: {t:.0f} ms")
-    weight = border_weight_map(label)
-    for side in (512, 256):
-        img, lab, wt = label[:, :side, :side] * 0.8, label[:, :side, :side], weight[:, :side, :side]
-        t1 = best_ms(lambda: elastic_deform(img, lab, rng), args.repeat)
-        t2 = best_ms(lambda: elastic_deform(img, lab, rng, weight=wt), args.repeat)
-        t3 = best_ms(lambda: intensity_jitter(img, rng), args.repeat)
-        print(f"{side}x{side}: elastic_deform {t1:.1f} ms, with weight map {t2:.1f} ms; intensity_jitter {t3:.1f} ms")
-    # How far a deformed weight map is from one recomputed on the deformed label.
-    diffs = []
-    for seed in range(5):
-        _, lab_d, wt_d = elastic_deform(label, label, np.random.default_rng(seed), weight=weight)
-        diffs.append(np.abs(wt_d - border_weight_map(lab_d)))
-    diffs = np.stack(diffs)
-    print(f"deformed vs recomputed weight map (5 draws): mean |diff| {diffs.mean():.4f}, "
-          f"99th percentile {np.percentile(diffs, 99):.3f}, mean weight {weight.mean():.3f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,24 +1,13 @@
 """ISBI 2012 evaluation: pixel error and the foreground-restricted Rand and information scores.
 
-    python3 metrics.py --prob_dir results/prob --label_dir data/train/label
-    python3 metrics.py --prob_dir runs/s0/prob runs/s1/prob runs/s2/prob --label_dir VAL/label   # an ensemble
-
-Pairs `prob_dir/NAME.png` (cell probability x 255, as written by predict_unet_test.py) with
-`label_dir/NAME.png` (255 = cell, 0 = membrane) and prints V_rand, V_info and pixel error per slice and
-for the stack; given several prob_dirs, it scores the mean of their maps (an ensemble). V_rand and V_info
-follow the challenge (Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142; Fiji's "Segmentation
+V_rand and V_info follow the challenge (Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142; Fiji's "Segmentation
 evaluation"): the probability map is thresholded at 0.0, 0.1, ..., 1.0,
 cells become 4-connected components, boundaries are thinned to 1 px, and each score is the maximum over
 thresholds, each score maximised on its own. Higher is better for V_rand and V_info, lower for pixel error.
 """
-import argparse
-import os
 
 import cv2
 import numpy as np
-
-from dataloader import list_images, natural_key, read_gray
-from errors import DataError, run_main
 
 THRESHOLDS = np.round(np.arange(0, 1.01, 0.1), 2)  # 0.0 ... 1.0 without 0.30000000000000004
 
@@ -64,7 +53,7 @@ def rand_and_info_scores(seg, gt):
     if table is None:
         return float("nan"), float("nan")
     p, rows, cols, s, t = table
-    v_rand = 2 * np.sum(p ** 2) / (np.sum(s ** 2) + np.sum(t ** 2))
+    v_rand = 2 * np.sum(p**2) / (np.sum(s**2) + np.sum(t**2))
     h_s, h_t = -np.sum(s * np.log(s)), -np.sum(t * np.log(t))
     mutual = np.sum(p * np.log(p / (s[rows] * t[cols])))
     v_info = 1.0 if h_s + h_t <= 0 else 2 * mutual / (h_s + h_t)
@@ -100,8 +89,13 @@ def score_curve(prob, label, thresholds=THRESHOLDS):
 
 def _best(curve, thresholds, error):
     i, j = np.argmax(curve[:, 0]), np.argmax(curve[:, 1])
-    return dict(v_rand=float(curve[i, 0]), v_rand_threshold=float(thresholds[i]),
-                v_info=float(curve[j, 1]), v_info_threshold=float(thresholds[j]), pixel_error=float(error))
+    return dict(
+        v_rand=float(curve[i, 0]),
+        v_rand_threshold=float(thresholds[i]),
+        v_info=float(curve[j, 1]),
+        v_info_threshold=float(thresholds[j]),
+        pixel_error=float(error),
+    )
 
 
 def isbi_scores(prob, label, thresholds=THRESHOLDS):
@@ -115,37 +109,11 @@ def evaluate_slices(probs, labels, thresholds=THRESHOLDS):
     As in the challenge, one threshold serves the whole stack, so this is at most the mean of the
     per-slice bests. Pixel error is the mean over slices at 0.5.
     """
-    curves = [score_curve(p, l, thresholds) for p, l in zip(probs, labels)]
-    errors = [pixel_error(p, l) for p, l in zip(probs, labels)]
+    curves = [score_curve(prob, label, thresholds) for prob, label in zip(probs, labels)]
+    errors = [pixel_error(prob, label) for prob, label in zip(probs, labels)]
     if not curves:
         raise ValueError("no slices")
     return _best(np.mean(curves, axis=0), thresholds, np.mean(errors))
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prob_dir", "--prob-dir", nargs="+", required=True,
-                   help="cell probability x 255 PNGs (e.g. results/prob); several: score the mean of their maps")
-    p.add_argument("--label_dir", "--label-dir", required=True, help="label PNGs with the same file names")
-    args = p.parse_args(argv)
-    first = args.prob_dir[0]
-    names = sorted(set(list_images(first)) & set(list_images(args.label_dir)), key=natural_key)
-    if not names:
-        raise DataError(f"{first}: no image file names in common with {args.label_dir}")
-    for prob_dir in args.prob_dir[1:]:  # an ensemble scores the same slices from every member
-        missing = sorted(set(names) - set(list_images(prob_dir)), key=natural_key)
-        if missing:
-            raise DataError(f"{os.path.join(prob_dir, missing[0])}: missing, but {first} has it")
-    probs, labels = [], []
-    for name in names:
-        label = read_gray(os.path.join(args.label_dir, name))
-        maps = [read_gray(os.path.join(prob_dir, name)) for prob_dir in args.prob_dir]
-        for prob_dir, prob in zip(args.prob_dir, maps):
-            if prob.shape != label.shape:
-                raise DataError(f"{os.path.join(prob_dir, name)}: size {prob.shape} differs from its label's {label.shape}")
-        probs.append(np.mean(maps, axis=0) / 255.0)
-        labels.append(label)
-    print_scores(names, probs, labels)
 
 
 def print_scores(names, probs, labels):
@@ -157,11 +125,9 @@ def print_scores(names, probs, labels):
         curves.append(score_curve(prob, label))
         errors.append(pixel_error(prob, label))
         r = _best(curves[-1], THRESHOLDS, errors[-1])
-        print(row.format(name, r["v_rand"], r["v_rand_threshold"], r["v_info"], r["v_info_threshold"], r["pixel_error"]))
+        print(
+            row.format(name, r["v_rand"], r["v_rand_threshold"], r["v_info"], r["v_info_threshold"], r["pixel_error"])
+        )
     r = _best(np.mean(curves, axis=0), THRESHOLDS, np.mean(errors))  # same as evaluate_slices, curves reused
     print(row.format("mean", r["v_rand"], r["v_rand_threshold"], r["v_info"], r["v_info_threshold"], r["pixel_error"]))
     return r
-
-
-if __name__ == "__main__":
-    run_main(main)

@@ -4,11 +4,11 @@
 #   OUT/figure.png   CHECKPOINT_DIR/best on the run's held-out slices: image | label | prediction | overlay
 #   OUT/overlay.png  the first of those overlays
 #
-#   bash docs/make_docs.sh checkpoints           # OUT is docs/
-#   bash docs/make_docs.sh checkpoints /tmp/pictures
+#   bash tools/make_docs.sh checkpoints           # OUT is docs/
+#   bash tools/make_docs.sh checkpoints /tmp/pictures
 set -euo pipefail
-ckpt="$(realpath "${1:?usage: bash docs/make_docs.sh CHECKPOINT_DIR [OUT]}")"
-out="$(realpath -m "${2:-$(dirname "$0")}")"
+ckpt="$(realpath "${1:?usage: bash tools/make_docs.sh CHECKPOINT_DIR [OUT]}")"
+out="$(realpath -m "${2:-$(dirname "$0")/../docs}")"
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 tmp="$(mktemp -d)"
@@ -16,7 +16,7 @@ trap 'rm -rf "$tmp"' EXIT
 # The held-out block exactly as training chose it, from the run's own config.json.
 python3 - "$ckpt/config.json" "$tmp" <<'PY'
 import json, os, sys
-from TrainUnetDataSet import split_names
+from isbi_unet.images import split_names
 config, tmp = json.load(open(sys.argv[1])), sys.argv[2]
 os.makedirs(f"{tmp}/image")
 for name in split_names(config["data_path"], config["val_slices"], config.get("val_start", -1))[1]:

@@ -5,19 +5,16 @@
 
 `forward` is any function from a float32 numpy batch Nx1xhxw to probabilities of the same shape (the
 caller wraps model + sigmoid), so this module needs no model and no framework.
-
-    python3 tiling.py        # times the tiling and TTA overhead with an identity forward on 512x512
 """
-import argparse
+
 import os
 import tempfile
-import time
 
 import cv2
 import numpy as np
 
-from dataloader import dihedral
-from errors import DataError
+from isbi_unet.errors import DataError
+from isbi_unet.images import dihedral, inverse_dihedral
 
 POOL = 16  # four 2x2 poolings: tile sides and tile offsets are multiples of this
 
@@ -80,30 +77,22 @@ def predict_once(forward, image, tile, overlap, batch):
     norm = np.zeros(padded.shape)
     origins = [(y, x) for y in ys for x in xs]
     for i in range(0, len(origins), batch):
-        chunk = origins[i:i + batch]
-        tiles = np.stack([padded[y:y + th, x:x + tw] for y, x in chunk])[:, None].astype(np.float32)
+        chunk = origins[i : i + batch]
+        tiles = np.stack([padded[y : y + th, x : x + tw] for y, x in chunk])[:, None].astype(np.float32)
         probs = np.asarray(forward(tiles))
         if probs.shape != tiles.shape:
             raise DataError(f"forward returned shape {probs.shape} for a batch of shape {tiles.shape}")
         for (y, x), p in zip(chunk, probs):
-            total[y:y + th, x:x + tw] += window * p[0]
-            norm[y:y + th, x:x + tw] += window
-    out = total[top:top + h, left:left + w] / norm[top:top + h, left:left + w]
+            total[y : y + th, x : x + tw] += window * p[0]
+            norm[y : y + th, x : x + tw] += window
+    out = total[top : top + h, left : left + w] / norm[top : top + h, left : left + w]
     return out.astype(np.float32)[None]
-
-
-def inverse_dihedral(arr, k):
-    """Undoes dataloader.dihedral(arr, k): rotate back, then flip back."""
-    arr = np.rot90(arr, -(k % 4), axes=(-2, -1))
-    if k >= 4:
-        arr = arr[..., ::-1]
-    return np.ascontiguousarray(arr)
 
 
 def predict_tiled(forward, image, tile=256, overlap=64, batch=4, tta=False):
     """Cell probability of one slice, float32 1xHxW, by overlap-tile inference.
 
-    image:   float32 1xHxW (dataloader.preprocess output), H and W at least 16.
+    image:   float32 1xHxW (images.preprocess output), H and W at least 16.
     forward: float32 Nx1xhxw -> probabilities Nx1xhxw (numpy), e.g. sigmoid(model(x)).
     tile:    side of the square tiles, a multiple of 16; 0 or None: the whole image in one pass,
              mirrored up to a multiple of 16 on the bottom and right and cropped back.
@@ -111,7 +100,7 @@ def predict_tiled(forward, image, tile=256, overlap=64, batch=4, tta=False):
              image is mirrored by about half of it on every side. Tiles are blended by `ramp`.
              Ignored when tile is 0.
     batch:   tiles per forward call.
-    tta:     average over the 8 flips/rotations of the square (dataloader.dihedral), each mapped
+    tta:     average over the 8 flips/rotations of the square (images.dihedral), each mapped
              back before averaging; a 90-degree turn of a non-square image swaps H and W, which
              tiling handles like any other size.
     """
@@ -121,7 +110,9 @@ def predict_tiled(forward, image, tile=256, overlap=64, batch=4, tta=False):
     if image.ndim != 3 or image.shape[0] != 1:
         raise DataError(f"image must be 1xHxW; got shape {image.shape}")
     if min(image.shape[1:]) < POOL:
-        raise DataError(f"image {image.shape[2]}x{image.shape[1]} is smaller than {POOL} px; mirroring would invent most of it")
+        raise DataError(
+            f"image {image.shape[2]}x{image.shape[1]} is smaller than {POOL} px; mirroring would invent most of it"
+        )
     if not tta:
         return predict_once(forward, image, tile, overlap, batch)
     total = np.zeros(image.shape)
@@ -161,32 +152,3 @@ def write_isbi_tiff(path, probs):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=512, help="side of the square test image")
-    p.add_argument("--repeat", type=int, default=5, help="timing repeats (the best is shown)")
-    args = p.parse_args()
-    image = np.random.default_rng(0).random((1, args.size, args.size), dtype=np.float32)
-    calls = []
-
-    def identity(x):
-        calls.append(x.shape)
-        return x
-
-    for tile, overlap in ((0, 0), (256, 64), (576, 64), (128, 32)):
-        for tta in (False, True):
-            times = []
-            for _ in range(args.repeat):
-                calls.clear()
-                t0 = time.perf_counter()
-                predict_tiled(identity, image, tile=tile, overlap=overlap, tta=tta)
-                times.append(time.perf_counter() - t0)
-            pixels = sum(int(np.prod(s)) for s in calls) / (8 if tta else 1)
-            print(f"tile {tile:3d} overlap {overlap:2d} tta {tta!s:5}: {1000 * min(times):6.1f} ms, "
-                  f"{len(calls)} forward calls, {pixels / args.size ** 2:.2f}x the image's pixels per orientation")
-
-
-if __name__ == "__main__":
-    main()

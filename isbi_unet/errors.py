@@ -1,7 +1,5 @@
-"""Bad input, reported the same way by every script: one `error: PATH: problem` line and exit code 2.
+"""Bad input, reported the same way by every script: one `error: PATH: problem` line and exit code 2."""
 
-Kept free of OneFlow so plot.py starts without it.
-"""
 import os
 import sys
 import tempfile

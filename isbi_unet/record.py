@@ -3,7 +3,9 @@
 Training merges it into checkpoint_dir/config.json and prediction writes it to save_res_path/run.json,
 so a checkpoint or a mask can be traced to the code and machine that made it.
 """
+
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -11,7 +13,7 @@ import socket
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def git_state(repo=REPO):
@@ -19,8 +21,10 @@ def git_state(repo=REPO):
 
     dirty: tracked files differ from the commit (untracked data and checkpoints do not count).
     """
+
     def git(*args):
         return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=30)
+
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
@@ -55,7 +59,7 @@ def cpu_info():
     return {
         "cpu": f"{names[0] if names else platform.machine()}, {os.cpu_count()} logical cores",
         "cpu_simd": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16") if f in flags],
-        # OpenBLAS's kernels decide the trained weights: setup.sh pins them on AVX2 CPUs (README, Training).
+        # OpenBLAS's kernels decide the trained weights; setup.sh pins them on AVX2 CPUs.
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE") or "chosen by CPU",
     }
 
@@ -82,3 +86,9 @@ def run_record(device=None, repo=REPO):
         "cwd": os.getcwd(),
         "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def write_json_record(path, fields, device=None):
+    """Writes `fields` together with run_record(device) to the JSON file `path`."""
+    with open(path, "w") as f:
+        json.dump({**fields, **run_record(device)}, f, indent=2)

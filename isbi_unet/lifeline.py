@@ -9,6 +9,7 @@ OneFlow's start-up rendezvous (inside `import oneflow`, which waits for every ra
 holding its caller's stdout open. With PR_SET_PDEATHSIG the kernel kills a rank when its launcher
 exits, whatever the reason.
 """
+
 import ctypes
 import os
 import signal

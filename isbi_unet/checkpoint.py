@@ -5,18 +5,16 @@ A checkpoint rebuilds its own model (`load_model`), so prediction needs only the
 `.NAME.old` is removed. A run killed at any moment therefore leaves a loadable checkpoint: NAME itself,
 or, when killed between the two renames, `.NAME.old`, which `load_checkpoint(NAME)` falls back to.
 """
+
 import os
-import random
 import shutil
 
-import numpy as np
 import oneflow as flow
 
-from errors import DataError
+from isbi_unet.errors import DataError
 from unet import UNet
 
-# /2: inputs are standardised per slice (dataloader.preprocess); /1 models saw raw [0, 1] intensities.
-FORMAT = "isbi-unet-oneflow/2"
+FORMAT = "isbi-unet-oneflow/2"  # /1 models saw unstandardised input and cannot be used
 
 
 def sibling(path, suffix):
@@ -77,19 +75,3 @@ def load_model(path, device="cpu"):
         raise DataError(f"{path}: weights do not fit UNet{state['model_config']} ({e})") from None
     model.eval()
     return model, state
-
-
-def seed_epoch(seed, rank, epoch):
-    """Seeds Python's, NumPy's and OneFlow's global generators from (seed, rank, epoch).
-
-    Called at the start of every epoch, so what an epoch draws depends on nothing before it and a
-    resumed run needs no generator state from its checkpoint. Saving the states instead does not work
-    with OneFlow 0.9.0: flow.get_rng_state()/set_rng_state() round-trip only until the first random op
-    after manual_seed (measured: set_rng_state(get_rng_state()) then flow.rand gives a third stream).
-    The dataset's crops and flips follow the same rule (SelfDataSet.set_epoch). Ranks differ, so
-    anything random per sample (dropout, say) differs between DDP replicas as it should.
-    """
-    derived = int(np.random.SeedSequence((seed, rank, epoch)).generate_state(1)[0])
-    random.seed(derived)
-    np.random.seed(derived)
-    flow.manual_seed(derived)

@@ -1,73 +1,122 @@
 """The CPU recipe in PyTorch, for screening recipe changes about 5x faster than OneFlow's CPU path allows.
 
-    /path/to/python-with-torch torch_reference.py --steps 260 --seed 0 --tta       # the OneFlow default's length
-    /path/to/python-with-torch torch_reference.py --steps 1200 --eval_every 300    # about 20 min here
-    /path/to/python-with-torch torch_reference.py --elastic 0 --no_jitter --seed 1 # an ablation
-    /path/to/python-with-torch torch_reference.py --val_start 10 --threads 1       # hold out slices 10-14
-    /path/to/python-with-torch torch_reference.py --seed 1 --save_prob runs/s1     # keep the maps (metrics.py scores them)
-    /path/to/python-with-torch torch_reference.py --steps 2400 --eval_every 300 --score_train  # fit vs held-out
+    PY=/path/to/python-with-torch
+    $PY tools/torch_reference.py --steps 260 --seed 0 --tta         # the OneFlow default's length
+    $PY tools/torch_reference.py --steps 1200 --eval_every 300      # about 20 min on 2 cores
+    $PY tools/torch_reference.py --elastic 0 --no_jitter --seed 1   # an ablation
+    $PY tools/torch_reference.py --val_start 10 --threads 1         # hold out slices 10-14
+    $PY tools/torch_reference.py --seed 1 --save_prob runs/s1       # keep the maps (evaluate.py scores them)
+    $PY tools/torch_reference.py --steps 2400 --eval_every 300 --score_train   # fit vs held-out
 
 Needs torch, numpy and opencv-python-headless, not OneFlow: it runs this repo's own data pipeline
-(`dataloader.py`, `augment.py`, with the oneflow import stubbed) and inference (`tiling.py`), the U-Net shape of benchmark.torch_unet
-(= unet.py), BCE + soft Dice, Adam with a per-step cosine decay, precise BatchNorm statistics from 8
-training slices, and scores the held-out block (by default slices 20-24 of data/train, the last 5) with `metrics.evaluate_slices`, as
-TrainUnetDataSet.py's validation does. Prints one JSON line. Its numbers screen ideas; only a OneFlow
-run (`bash train.sh ...`) decides a default.
+(`isbi_unet.dataset`, `isbi_unet.augment`) and inference (`isbi_unet.tiling`), the U-Net of
+tools/torch_unet.py (= unet.py), BCE + soft Dice, Adam with a per-step cosine decay, precise BatchNorm
+statistics from 8 training slices, and scores the held-out block (by default the last 5 slices of
+data/train) with `isbi_unet.metrics.evaluate_slices`, as TrainUnetDataSet.py's validation does.
+Prints one JSON line. Its numbers screen ideas; only a OneFlow run (`bash train.sh ...`) decides a default.
 """
+
 import argparse
 import copy
 import json
 import os
 import sys
 import time
-import types
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# dataloader.py subclasses oneflow's Dataset; nothing else of OneFlow is used here.
-_stub = types.ModuleType("oneflow")
-_stub.utils = types.SimpleNamespace(data=types.SimpleNamespace(Dataset=object))
-sys.modules.setdefault("oneflow", _stub)
-sys.path.insert(0, HERE)
-import dataloader  # noqa: E402
-from errors import run_main  # noqa: E402
-import metrics  # noqa: E402
-import tiling  # noqa: E402
-from benchmark import torch_unet  # noqa: E402
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+from isbi_unet import dataset, images, metrics, tiling  # noqa: E402  (the framework-free core)
+from isbi_unet.errors import run_main  # noqa: E402
+from tools.torch_unet import torch_unet  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_path", default=os.path.join(HERE, "data", "train"), help="folder holding image/ and label/")
+    p.add_argument("--data_path", default=os.path.join(REPO, "data", "train"), help="folder holding image/ and label/")
     p.add_argument("--val_slices", type=int, default=5, help="hold out and score N neighbouring slices")
-    p.add_argument("--val_start", type=int, default=-1, help="first slice of the held-out block (-1 = the last N), as TrainUnetDataSet.py's --val_start")
+    p.add_argument(
+        "--val_start",
+        type=int,
+        default=-1,
+        help="first slice of the held-out block (-1 = the last N), as TrainUnetDataSet.py's --val_start",
+    )
     p.add_argument("--steps", type=int, default=260, help="training steps (the OneFlow CPU default runs 260)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--batch", type=int, default=4, help="crops per step")
     p.add_argument("--crop", type=int, default=256, help="side of the random square crops")
     p.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
     p.add_argument("--elastic", type=float, default=10, help="elastic deformation sigma in px (0 = off)")
-    p.add_argument("--clahe", action="store_true", help="contrast-limited adaptive histogram equalisation (clip 2, 8x8 tiles) before standardising, in training and scoring")
-    p.add_argument("--neighbours", action="store_true", help="2.5D: the slices above and below as two more input channels (mirrored at the ends of each split's runs of slices, so held-out images never enter training); scores without TTA")
+    p.add_argument(
+        "--clahe",
+        action="store_true",
+        help="contrast-limited adaptive histogram equalisation (clip 2, 8x8 tiles) before standardising, "
+        "in training and scoring",
+    )
+    p.add_argument(
+        "--neighbours",
+        action="store_true",
+        help="2.5D: the slices above and below as two more input channels (mirrored at the ends of each split's "
+        "runs of slices, so held-out images never enter training); scores without TTA",
+    )
     p.add_argument("--no_jitter", action="store_true", help="switch the intensity jitter off")
-    p.add_argument("--loss", choices=["bce", "bce_dice", "bce_cldice"], default="bce_dice",
-                   help="training loss (bce_cldice: BCE + half soft Dice + half clDice on the membrane class, Shit et al. 2021)")
-    p.add_argument("--topk", type=float, default=0, help="average the BCE term over only this fraction of each batch's pixels, the hardest (largest BCE); 0 = all pixels")
-    p.add_argument("--norm", choices=["bn", "gn"], default="bn", help="normalisation after each convolution: BatchNorm (unet.py's, with precise BN) or GroupNorm with 8 groups (the same at training and scoring)")
-    p.add_argument("--cldice_iter", type=int, default=10, help="soft-skeleton iterations of clDice (> half the thickest membrane)")
+    p.add_argument(
+        "--loss",
+        choices=["bce", "bce_dice", "bce_cldice"],
+        default="bce_dice",
+        help="training loss (bce_cldice: BCE + half soft Dice + half clDice on the membrane class, Shit et al. 2021)",
+    )
+    p.add_argument(
+        "--topk",
+        type=float,
+        default=0,
+        help="average the BCE term over only this fraction of each batch's pixels, the hardest (largest BCE); "
+        "0 = all pixels",
+    )
+    p.add_argument(
+        "--norm",
+        choices=["bn", "gn"],
+        default="bn",
+        help="normalisation after each convolution: BatchNorm (unet.py's, with precise BN) or GroupNorm with 8 groups "
+        "(the same at training and scoring)",
+    )
+    p.add_argument(
+        "--cldice_iter", type=int, default=10, help="soft-skeleton iterations of clDice (> half the thickest membrane)"
+    )
     p.add_argument("--border_weight", type=float, default=0, help="w0 of the paper's border weight map (0 = off)")
-    p.add_argument("--schedule", choices=["cosine", "poly", "constant"], default="cosine",
-                   help="learning rate over the run: cosine decay to 0, poly (1 - step/steps)^0.9, or constant")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="Adam, or the U-Net paper's SGD with --momentum")
-    p.add_argument("--momentum", type=float, default=0.99, help="SGD momentum (the paper's 0.99); only with --optimizer sgd")
-    p.add_argument("--ema", type=float, default=0, help="also score an exponential moving average of the weights with this decay")
+    p.add_argument(
+        "--schedule",
+        choices=["cosine", "poly", "constant"],
+        default="cosine",
+        help="learning rate over the run: cosine decay to 0, poly (1 - step/steps)^0.9, or constant",
+    )
+    p.add_argument(
+        "--optimizer", choices=["adam", "sgd"], default="adam", help="Adam, or the U-Net paper's SGD with --momentum"
+    )
+    p.add_argument(
+        "--momentum", type=float, default=0.99, help="SGD momentum (the paper's 0.99); only with --optimizer sgd"
+    )
+    p.add_argument(
+        "--ema", type=float, default=0, help="also score an exponential moving average of the weights with this decay"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
     p.add_argument("--tta", action="store_true", help="also score with 8-fold test-time averaging")
     p.add_argument("--eval_every", type=int, default=0, help="also print scores every N steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--score_train", action="store_true", help="also score the training slices themselves (whole, unaugmented): how well the model fits what it trained on")
-    p.add_argument("--save_prob", default="", help="also write the last step's held-out cell probabilities (no TTA) as DIR/NAME.png (x 255, as predict_unet_test.py's prob/), for metrics.py")
+    p.add_argument(
+        "--score_train",
+        action="store_true",
+        help="also score the training slices themselves (whole, unaugmented): how well the model fits what it "
+        "trained on",
+    )
+    p.add_argument(
+        "--save_prob",
+        default="",
+        help="also write the last step's held-out cell probabilities (no TTA) as DIR/NAME.png (x 255, as "
+        "predict_unet_test.py's prob/), for evaluate.py",
+    )
     return p.parse_args(argv)
 
 
@@ -103,7 +152,9 @@ def stack_neighbours(ds, all_names):
         up = k - 1 if before else k + 1 if after else k
         down = k + 1 if after else k - 1 if before else k
         ds.raw[k] = np.concatenate([old[up], old[k], old[down]])
-    ds.images = [dataloader.standardize(x) for x in ds.raw]  # the stack standardised as one, as training's augment path does
+    ds.images = [
+        images.standardize(x) for x in ds.raw
+    ]  # the stack standardised as one, as training's augment path does
 
 
 def main(argv=None):
@@ -115,17 +166,27 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     if a.no_jitter:
-        dataloader.intensity_jitter = lambda x, rng: x
+        dataset.intensity_jitter = lambda x, rng: x
     if a.clahe:
         import cv2
-        clahe, to_unit = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)), dataloader.to_unit
-        dataloader.to_unit = lambda img: to_unit(clahe.apply(img))
+
+        clahe, to_unit = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)), dataset.to_unit
+        dataset.to_unit = lambda img: to_unit(clahe.apply(img))
     image_dir, label_dir = os.path.join(a.data_path, "image"), os.path.join(a.data_path, "label")
-    names = dataloader.list_images(image_dir)
-    train_names, held = dataloader.held_out_block(names, a.val_slices, a.val_start, a.data_path)
-    train = dataloader.SelfDataSet(image_dir, label_dir, names=train_names, augment=True, crop_size=a.crop,
-                                   seed=a.seed, elastic_sigma=a.elastic, border_weight=a.border_weight, samples_per_slice=4)
-    val = dataloader.SelfDataSet(image_dir, label_dir, names=held)
+    names = images.list_images(image_dir)
+    train_names, held = images.held_out_block(names, a.val_slices, a.val_start, a.data_path)
+    train = dataset.Slices(
+        image_dir,
+        label_dir,
+        names=train_names,
+        augment=True,
+        crop_size=a.crop,
+        seed=a.seed,
+        elastic_sigma=a.elastic,
+        border_weight=a.border_weight,
+        samples_per_slice=4,
+    )
+    val = dataset.Slices(image_dir, label_dir, names=held)
     # The training set's .images/.labels are its whole, unaugmented slices (augmentation happens per item).
     seen = train if a.score_train else None
     model = torch_unet(a.width)
@@ -166,16 +227,17 @@ def main(argv=None):
             b.momentum = None  # a plain average over the slices below: precise BN
         net.train()
         with torch.no_grad():
-            for i in dataloader.evenly_spaced(len(train.images), 8):
+            for i in images.evenly_spaced(len(train.images), 8):
                 net(torch.from_numpy(train.images[i][None]))
             net.eval()
             forward = lambda batch: torch.sigmoid(net(torch.from_numpy(batch))).numpy()
 
             def predict(ds, tta):
                 # Whole slices, as predict_unet_test.py's default (--tile 0) and its TTA.
-                if a.neighbours:  # tiling.py takes 1xHxW; ISBI's 512x512 passes whole (a multiple of 16)
+                if a.neighbours:  # predict_tiled takes 1xHxW; ISBI's 512x512 passes whole (a multiple of 16)
                     return [forward(img[None])[0, 0] for img in ds.images]
                 return [tiling.predict_tiled(forward, img, tile=0, tta=tta)[0] for img in ds.images]
+
             last_probs[:] = predict(val, tta)
             seen_probs = predict(seen, False) if seen is not None else None
         net.train()
@@ -187,7 +249,7 @@ def main(argv=None):
         return scores
 
     def score(probs, ds):
-        labels = [(l[0] * 255).astype(np.uint8) for l in ds.labels]
+        labels = [(label[0] * 255).astype(np.uint8) for label in ds.labels]
         return {k: round(v, 4) for k, v in metrics.evaluate_slices(probs, labels).items()}
 
     last_probs = []
@@ -199,9 +261,15 @@ def main(argv=None):
         for s in range(0, len(order) - a.batch + 1, a.batch):
             if step >= a.steps:
                 break
-            arrays = [torch.from_numpy(np.stack(z)) for z in zip(*(train[i] for i in order[s:s + a.batch]))]
-            lr = a.lr * {"cosine": 0.5 * (1 + np.cos(np.pi * step / a.steps)), "poly": (1 - step / a.steps) ** 0.9,
-                         "constant": 1.0}[a.schedule]
+            arrays = [torch.from_numpy(np.stack(z)) for z in zip(*(train[i] for i in order[s : s + a.batch]))]
+            lr = (
+                a.lr
+                * {
+                    "cosine": 0.5 * (1 + np.cos(np.pi * step / a.steps)),
+                    "poly": (1 - step / a.steps) ** 0.9,
+                    "constant": 1.0,
+                }[a.schedule]
+            )
             for group in opt.param_groups:
                 group["lr"] = lr
             loss = loss_fn(model(arrays[0]), *arrays[1:])
@@ -219,9 +287,12 @@ def main(argv=None):
     out = dict(steps=a.steps, seconds=round(time.time() - t0), **evaluate(model, False))
     if a.save_prob:
         import cv2
+
         os.makedirs(a.save_prob, exist_ok=True)
         for name, prob in zip(held, last_probs):
-            cv2.imwrite(os.path.join(a.save_prob, os.path.splitext(name)[0] + ".png"), np.round(prob * 255).astype(np.uint8))
+            cv2.imwrite(
+                os.path.join(a.save_prob, os.path.splitext(name)[0] + ".png"), np.round(prob * 255).astype(np.uint8)
+            )
     if a.tta:
         out["tta"] = evaluate(model, True)
     if ema is not None:

@@ -1,0 +1,68 @@
+"""Score probability maps against labels with the ISBI 2012 metrics: V_rand, V_info and pixel error.
+
+    python3 evaluate.py --prob_dir results/prob --label_dir data/train/label
+    python3 evaluate.py --prob_dir runs/s0/prob runs/s1/prob runs/s2/prob --label_dir VAL/label   # an ensemble
+
+Pairs `prob_dir/NAME.png` (cell probability x 255, as predict_unet_test.py writes it) with
+`label_dir/NAME.png` (255 = cell, 0 = membrane) and prints V_rand, V_info (each with its best threshold)
+and pixel error per slice and for the stack; given several prob_dirs, it scores the mean of their maps.
+How the scores are computed: isbi_unet/metrics.py.
+"""
+
+import argparse
+import os
+
+import numpy as np
+
+from isbi_unet.errors import DataError, run_main
+from isbi_unet.images import check_binary_label, list_images, natural_key, read_gray
+from isbi_unet.metrics import print_scores
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--prob_dir",
+        "--prob-dir",
+        nargs="+",
+        required=True,
+        help="cell probability x 255 PNGs (e.g. results/prob); several: score the mean of their maps",
+    )
+    p.add_argument("--label_dir", "--label-dir", required=True, help="label PNGs with the same file names")
+    return p.parse_args(argv)
+
+
+def common_names(prob_dirs, label_dir):
+    """Names in the first prob_dir and label_dir; every other prob_dir must have them all."""
+    first = prob_dirs[0]
+    names = sorted(set(list_images(first)) & set(list_images(label_dir)), key=natural_key)
+    if not names:
+        raise DataError(f"{first}: no image file names in common with {label_dir}")
+    for prob_dir in prob_dirs[1:]:  # an ensemble scores the same slices from every member
+        missing = sorted(set(names) - set(list_images(prob_dir)), key=natural_key)
+        if missing:
+            raise DataError(f"{os.path.join(prob_dir, missing[0])}: missing, but {first} has it")
+    return names
+
+
+def read_slice(prob_dirs, label_dir, name):
+    """(mean cell probability in [0, 1], label) of one slice, checked as training checks labels."""
+    label_path = os.path.join(label_dir, name)
+    label = read_gray(label_path)
+    check_binary_label(label, label_path)
+    maps = [read_gray(os.path.join(prob_dir, name)) for prob_dir in prob_dirs]
+    for prob_dir, prob in zip(prob_dirs, maps):
+        if prob.shape != label.shape:
+            raise DataError(f"{os.path.join(prob_dir, name)}: size {prob.shape} differs from its label's {label.shape}")
+    return np.mean(maps, axis=0) / 255.0, label
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    names = common_names(args.prob_dir, args.label_dir)
+    probs, labels = zip(*(read_slice(args.prob_dir, args.label_dir, name) for name in names))
+    print_scores(names, probs, labels)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,187 @@
+"""Slices and labels on disk: listing, reading with checks, writing, standardising, splitting.
+
+ISBI 2012 labels are 255 = cell, 0 = membrane. Every reader checks what it reads and raises DataError
+with the path; colour and 16-bit files are converted with one warning line each.
+"""
+
+import os
+import re
+
+import cv2
+import numpy as np
+
+from isbi_unet.errors import DataError, warn
+
+IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+CHANNELS = {2: "gray+alpha", 3: "RGB", 4: "RGBA"}
+
+
+def natural_key(name):
+    # 2.png before 10.png, as the slices are numbered.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def list_images(folder):
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: no such folder")
+    names = sorted((n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS)), key=natural_key)
+    if not names:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}) in this folder")
+    return names
+
+
+def read_gray(path):
+    """An 8-bit single-channel image as a uint8 HxW array; colour and 16-bit files are converted with
+    one warning line, as a silently converted file is how a wrong dataset goes unnoticed."""
+    if not os.path.isfile(path):  # checked here, as OpenCV would add a warning line of its own
+        raise DataError(f"{path}: no such file")
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
+    if img.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"{path}: unsupported pixel type {img.dtype}; expected 8- or 16-bit grayscale")
+    kind = CHANNELS.get(img.shape[2], f"{img.shape[2]}-channel") if img.ndim == 3 else None
+    if img.ndim == 3:
+        if img.shape[2] == 4:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
+        elif img.shape[2] == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+        else:
+            img = img[:, :, 0]
+    deep = img.dtype == np.uint16
+    if deep:
+        img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    if kind and deep:
+        warn(f"{path}: 16-bit {kind} image converted to 8-bit grayscale")
+    elif kind:
+        warn(f"{path}: {kind} image converted to grayscale")
+    elif deep:
+        warn(f"{path}: 16-bit image scaled to 8-bit")
+    return img
+
+
+def write_png(path, array):
+    if not cv2.imwrite(path, array):
+        raise DataError(f"{path}: could not be written")
+
+
+def to_unit(img):
+    """uint8 HxW -> float32 1xHxW in [0, 1]."""
+    return (img.astype(np.float32) / 255.0)[None]
+
+
+def standardize(x):
+    """Zero mean, unit variance over the whole slice.
+
+    Slices differ in brightness and contrast, and the model should not learn one slice's exposure.
+    Whole-slice statistics, also for crops and tiles, so that a crop in training and a tile in
+    prediction see the same numbers as the whole slice would.
+    """
+    return ((x - x.mean()) / max(float(x.std()), 1e-6)).astype(np.float32)
+
+
+def preprocess(img):
+    """uint8 HxW -> float32 1xHxW standardised; the one transform shared by training and prediction."""
+    return standardize(to_unit(img))
+
+
+def binarize_label(label):
+    """Label image (255 = cell, 0 = membrane) -> float32 1xHxW with 1 = cell."""
+    return (label > 127).astype(np.float32)[None]
+
+
+def check_binary_label(label, path):
+    """Raises DataError unless `label` is 0 (membrane) / 255 (cell).
+
+    At most 1% of pixels may lie strictly between 10 and 245: JPEG-compressed copies of the labels
+    circulate, and their ringing at edges is harmless once binarised at 127.
+    """
+    grey = np.count_nonzero((label > 10) & (label < 245))
+    if grey > 0.01 * label.size:
+        raise DataError(
+            f"{path}: not a binary label ({grey / label.size:.0%} of pixels are neither 0 nor 255; "
+            "expected 0 = membrane, 255 = cell)"
+        )
+
+
+def check_same_size(array, path, image_shape):
+    if array.shape != image_shape:
+        raise DataError(
+            f"{path}: size {array.shape[1]}x{array.shape[0]} differs from its image's {image_shape[1]}x{image_shape[0]}"
+        )
+    return array
+
+
+def read_label(label_path, image_shape):
+    """A label as a uint8 array, checked against its image's (H, W): same size, binary."""
+    label = check_same_size(read_gray(label_path), label_path, image_shape)
+    check_binary_label(label, label_path)
+    return label
+
+
+def read_pair(image_path, label_path):
+    """A training image and its label as uint8 arrays, checked: same size, binary label."""
+    image = read_gray(image_path)
+    return image, read_label(label_path, image.shape)
+
+
+def find_pairs(image_dir, label_dir):
+    """File names present in both folders; any unpaired file is an error."""
+    images, labels = list_images(image_dir), list_images(label_dir)
+
+    def stem(name):
+        return os.path.splitext(name)[0]
+
+    label_by_stem = {stem(n): n for n in labels}
+    image_stems = {stem(n) for n in images}
+    missing = [n for n in images if stem(n) not in label_by_stem]
+    if missing:
+        raise DataError(
+            f"{image_dir}: {len(missing)} image(s) without a label in {label_dir}: {', '.join(missing[:5])}"
+        )
+    extra = [n for n in labels if stem(n) not in image_stems]
+    if extra:
+        raise DataError(f"{label_dir}: {len(extra)} label(s) without an image in {image_dir}: {', '.join(extra[:5])}")
+    return [(n, label_by_stem[stem(n)]) for n in images]
+
+
+def held_out_block(names, count, start, where):
+    """(training names, held-out names): `count` neighbouring names from index `start` (-1 = the last
+    `count`) are held out. One contiguous block, because neighbouring slices nearly repeat: a scattered
+    split would score slices seen in training. `where` (the data folder) prefixes the error messages."""
+    if count >= len(names):
+        raise DataError(f"{where}: --val_slices {count} leaves no training slice out of {len(names)}")
+    if start < -1:  # a negative index would silently count from the end and split wrongly
+        raise DataError(f"{where}: --val_start must be -1 (the last block) or a slice index, got {start}")
+    first = len(names) - count if start == -1 else start
+    if first + count > len(names):
+        raise DataError(
+            f"{where}: --val_start {start} with --val_slices {count} runs past the last of {len(names)} slices"
+        )
+    return names[:first] + names[first + count :], names[first : first + count]
+
+
+def split_names(data_path, val_slices, val_start=-1):
+    """Train and validation file names of `data_path` (image/ and label/); validation is one block."""
+    names = [image for image, _ in find_pairs(os.path.join(data_path, "image"), os.path.join(data_path, "label"))]
+    return held_out_block(names, val_slices, val_start, data_path)
+
+
+def evenly_spaced(n, count):
+    """Indices of `count` items spread evenly over 0..n-1 (all n if count >= n), e.g. slices for precise BN."""
+    return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int))
+
+
+def dihedral(arr, k):
+    """The k-th (0..7) of the 8 symmetries of the square, applied to the last two axes."""
+    if k >= 4:
+        arr = arr[..., ::-1]
+    return np.ascontiguousarray(np.rot90(arr, k % 4, axes=(-2, -1)))
+
+
+def inverse_dihedral(arr, k):
+    """Undoes dihedral(arr, k): rotate back, then flip back."""
+    arr = np.rot90(arr, -(k % 4), axes=(-2, -1))
+    if k >= 4:
+        arr = arr[..., ::-1]
+    return np.ascontiguousarray(arr)

@@ -1,0 +1,187 @@
+"""The parts of a training run: one epoch, precise BatchNorm statistics, validation, and the run's log.
+
+Every function works the same on one process and under the launcher: ranks share the work and sum
+their results, so every rank ends with the same numbers.
+"""
+
+import csv
+import math
+import os
+import random
+import sys
+
+import numpy as np
+import oneflow as flow
+from tqdm import tqdm
+
+from isbi_unet.images import evenly_spaced
+from isbi_unet.metrics import THRESHOLDS, pixel_error, score_curve
+
+
+class NonFiniteLoss(ArithmeticError):
+    """A NaN or inf loss; the message says where."""
+
+
+def all_reduce_sum(values, device):
+    """Sums a list of floats over all ranks (a no-op on one process)."""
+    t = flow.tensor(values, dtype=flow.float64, device=device)
+    if flow.env.get_world_size() > 1:
+        flow.comm.all_reduce(t)
+    return t.numpy().tolist()
+
+
+def seed_epoch(seed, rank, epoch):
+    """Seeds Python's, NumPy's and OneFlow's global generators from (seed, rank, epoch).
+
+    Called at the start of every epoch, so what an epoch draws depends on nothing before it and a
+    resumed run needs no generator state from its checkpoint. Saving the states instead does not work
+    with OneFlow 0.9.0: flow.get_rng_state()/set_rng_state() round-trip only until the first random op
+    after manual_seed (measured: set_rng_state(get_rng_state()) then flow.rand gives a third stream).
+    The dataset's crops and flips follow the same rule (Slices.set_epoch). Ranks differ, so
+    anything random per sample (dropout, say) differs between DDP replicas as it should.
+    """
+    derived = int(np.random.SeedSequence((seed, rank, epoch)).generate_state(1)[0])
+    random.seed(derived)
+    np.random.seed(derived)
+    flow.manual_seed(derived)
+
+
+def epoch_bar(epoch, epochs, images, enabled=True, world_size=1):
+    """A tqdm bar over the `images` this rank trains on; under DDP it counts all ranks' images.
+
+    Only on a terminal: in a log file or CI output a bar is a stream of carriage returns, and the
+    epoch's summary line says the same.
+    """
+    return tqdm(
+        total=images,
+        desc=f"epoch {epoch}/{epochs}",
+        unit="img",
+        leave=False,
+        dynamic_ncols=True,
+        unit_scale=world_size if world_size > 1 else False,
+        disable=not (enabled and sys.stderr.isatty()),
+        file=sys.stderr,
+    )
+
+
+def train_one_epoch(engine, loader, epoch, epochs, seed, device):
+    """One pass over this rank's share of the slices; returns the mean loss over all ranks."""
+    rank, world_size = flow.env.get_rank(), flow.env.get_world_size()
+    loader.sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)
+    seed_epoch(seed, rank, epoch)  # so a resumed run draws what an uninterrupted one would
+    engine.model.train()
+    loss_sum, count = 0.0, 0
+    with epoch_bar(epoch, epochs, len(loader.sampler), rank == 0, world_size) as progress:
+        for step, batch in enumerate(loader, 1):
+            batch = [t.to(device) for t in batch]
+            loss_value = engine.train_step(*batch).item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLoss(f"epoch {epoch} step {step}: loss is {loss_value}")
+            loss_sum += loss_value * batch[0].shape[0]
+            count += batch[0].shape[0]
+            progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            progress.update(batch[0].shape[0])
+    loss_sum, count = all_reduce_sum([loss_sum, count], device)
+    return loss_sum / count
+
+
+def recompute_bn_stats(model, images, count, batch_size, device):
+    """Sets every BatchNorm's running mean and variance to its statistics over `count` whole training slices.
+
+    The running averages training leaves behind follow the last few batches of augmented crops, which
+    scores held-out slices far worse than whole-slice statistics do ("precise BN"; docs/quality.md).
+    Slices are spread evenly over the training set and shared between ranks, and every rank ends with
+    the same statistics, so no rank's last batch decides what is saved.
+    """
+    rank, world_size = flow.env.get_rank(), flow.env.get_world_size()
+    bns = [m for m in model.modules() if isinstance(m, flow.nn.BatchNorm2d)]
+    mine = evenly_spaced(len(images), count)[rank::world_size]
+    momenta = [b.momentum for b in bns]
+    for b in bns:
+        b.momentum = 1.0  # each forward replaces the running statistics with its own batch's
+    model.train()
+    weight, sums = 0.0, np.zeros(2 * sum(b.num_features for b in bns))
+    with flow.no_grad():
+        for start in range(0, len(mine), batch_size):
+            batch = np.stack([images[i] for i in mine[start : start + batch_size]])
+            model.forward(flow.tensor(batch, device=device))  # .forward: no DDP buffer broadcast
+            stats = []
+            for b in bns:
+                mean = b.running_mean.numpy().astype(np.float64)
+                stats += [mean, b.running_var.numpy() + mean**2]
+            sums += batch.size * np.concatenate(stats)
+            weight += batch.size
+    for b, momentum in zip(bns, momenta):
+        b.momentum = momentum
+    totals = all_reduce_sum([weight, *sums], device)
+    moments, offset = np.array(totals[1:]) / totals[0], 0
+    for b in bns:
+        c = b.num_features
+        mean, square = moments[offset : offset + c], moments[offset + c : offset + 2 * c]
+        offset += 2 * c
+        b.running_mean.copy_(flow.tensor(mean, dtype=flow.float32, device=device))
+        b.running_var.copy_(flow.tensor(np.maximum(square - mean**2, 0.0), dtype=flow.float32, device=device))
+
+
+def evaluate(engine, val_set, criterion, device, epoch):
+    """Validation loss, V_rand, V_info and pixel error over the whole held-out slices.
+
+    Ranks share the slices and sum their results; `engine.infer` runs no collective, so they may
+    score different numbers of slices.
+    """
+    rank, world_size = flow.env.get_rank(), flow.env.get_world_size()
+    engine.model.eval()
+    if world_size > 1:
+        # Each rank's last training forward updated its own BatchNorm statistics; score with rank 0's.
+        for buffer in engine.model.buffers():
+            flow.comm.broadcast(buffer, 0)
+    loss_sum, error_sum, curves = 0.0, 0.0, np.zeros((len(THRESHOLDS), 2))
+    with flow.no_grad():
+        for i in range(rank, len(val_set), world_size):
+            image, label = val_set.images[i], val_set.labels[i]
+            logits = engine.infer(flow.tensor(image[None], device=device))
+            loss_sum += criterion(logits, flow.tensor(label[None], device=device)).item()
+            prob, label255 = flow.sigmoid(logits)[0, 0].numpy(), label[0] * 255
+            curves += score_curve(prob, label255)
+            error_sum += pixel_error(prob, label255)
+    totals = all_reduce_sum([loss_sum, error_sum, *curves.ravel()], device)
+    n = len(val_set)
+    if not math.isfinite(totals[0]):
+        raise NonFiniteLoss(f"epoch {epoch}: validation loss is {totals[0] / n}")
+    curve = np.array(totals[2:]).reshape(-1, 2) / n
+    v_rand, v_info = float(curve[:, 0].max()), float(curve[:, 1].max())
+    return dict(val_loss=totals[0] / n, v_rand=v_rand, v_info=v_info, pixel_error=totals[1] / n)
+
+
+def lr_at(lr, schedule, step, total_steps):
+    """The learning rate after `step` optimizer steps (the value both schedules follow)."""
+    if schedule == "constant":
+        return lr
+    return lr * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)) / 2
+
+
+def append_log(path, row):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def truncate_log(path, last_epoch):
+    """Drops log rows of epochs after `last_epoch` (all rows for 0): what a resumed run redoes."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= last_epoch]
+    tmp = path + ".tmp"  # replaced in one rename: a kill here must not lose the log
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    for row in rows:
+        append_log(tmp, row)
+    if rows:
+        os.replace(tmp, path)
+    else:
+        os.remove(path)
