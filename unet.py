@@ -50,7 +50,7 @@ class UpConv2x2(nn.ConvTranspose2d):
 
     With stride equal to kernel size the four kernel taps never overlap, so each output 2x2 block is one
     matrix product of the input pixel; the result is identical. OneFlow 0.9.0's CPU transposed conv is
-    about 4x slower than this (measured in benchmark.py's notes, README).
+    several times slower than this (docs/speed.md).
     """
 
     def __init__(self, in_channels, out_channels):

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic ISBI-like data on disk and a runner for the repo's real scripts."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -86,3 +87,25 @@ TINY = [
     "--device",
     "cpu",
 ]
+
+
+def train_in_process(*args):
+    """TrainUnetDataSet.main on ARGS in this process (for tests where the process boundary is not the point)."""
+    from TrainUnetDataSet import main
+
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One real epoch of TINY training on `write_dataset`'s data, made once for the whole session."""
+    root = tmp_path_factory.mktemp("trained")
+    data = write_dataset(str(root / "data"))
+    train_in_process("--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", root / "ckpt", *TINY)
+    return root / "ckpt"
+
+
+@pytest.fixture
+def trained(trained_run, tmp_path):
+    """This test's own copy of trained_run's checkpoint folder (trained on the same data as `data`)."""
+    return shutil.copytree(trained_run, tmp_path / "trained")

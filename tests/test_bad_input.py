@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, assert_fails, run
+from isbi_unet.errors import DataError
 
 
 def train(data_path, ckpt, *extra):
@@ -83,7 +84,16 @@ def test_mis_sized_label(data, tmp_path):
     ],
 )
 def test_nonsense_flags(data, tmp_path, flag, value):
-    assert_fails(train(f"{data}/train", tmp_path / "ckpt", flag, value), flag)
+    from TrainUnetDataSet import parse_args, resolve_args
+
+    args = parse_args(["--data_path", f"{data}/train", "--checkpoint_dir", str(tmp_path / "ckpt"), flag, str(value)])
+    with pytest.raises(DataError, match=flag):
+        resolve_args(args, cuda=False)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_nonsense_flag_ends_the_process_with_one_line_and_nothing_written(data, tmp_path):
+    assert_fails(train(f"{data}/train", tmp_path / "ckpt", "--epochs", 0), "--epochs must be positive, got 0")
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -209,14 +219,6 @@ def test_predict_missing_test_folder(tmp_path):
 def snapshot(folder):
     """Every file under folder with its bytes, to show that a refused run changed nothing."""
     return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def trained(data, tmp_path):
-    """A checkpoint folder from one real epoch of TINY training."""
-    ckpt = tmp_path / "trained"
-    run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, *TINY)
-    return ckpt
 
 
 @pytest.mark.parametrize(
@@ -358,3 +360,32 @@ def test_colour_and_16_bit_inputs_are_converted_with_one_warning_each(data, tmp_
 
 def test_plot_missing_log(tmp_path):
     assert_fails(run("plot.py", "--log", tmp_path / "log.csv", check=False), tmp_path / "log.csv", "no such log")
+
+
+def test_a_device_that_does_not_exist_is_refused_by_name():
+    from isbi_unet.device import select_device
+
+    with pytest.raises(DataError, match=r"--device must be auto .*, cpu, cuda or cuda:N; got 'gpu'"):
+        select_device("gpu")
+
+
+@pytest.mark.parametrize("script", ["TrainUnetDataSet.py", "predict_unet_test.py"])
+def test_asking_for_a_gpu_where_there_is_none_is_one_line_in_every_script(data, trained, tmp_path, script):
+    import oneflow as flow
+
+    if flow.cuda.is_available():
+        pytest.skip("this machine has a CUDA device, so --device cuda is valid here")
+    if script == "TrainUnetDataSet.py":
+        proc = train(f"{data}/train", tmp_path / "out", "--device", "cuda")
+    else:
+        flags = [
+            "--checkpoint",
+            trained / "best",
+            "--Test_Data_path",
+            f"{data}/test",
+            "--save_res_path",
+            tmp_path / "out",
+        ]
+        proc = run(script, *flags, "--device", "cuda", check=False)
+    assert_fails(proc, "--device cuda: no CUDA device is available")
+    assert not (tmp_path / "out").exists()

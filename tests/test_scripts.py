@@ -252,9 +252,8 @@ def test_graph_checkpoint_resumes_in_graph_mode(data, tmp_path):
     assert "3 masks" in out and "graph" in out
 
 
-def test_prediction_options_and_submission_stack(data, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, *TINY)
+def test_prediction_options_and_submission_stack(data, trained, tmp_path):
+    ckpt = trained
     probs = {}
     for name, extra in {"whole": [], "tiles": ["--tile", "32", "--overlap", "16"], "tta": ["--tta"]}.items():
         res = tmp_path / name
@@ -282,9 +281,8 @@ def test_prediction_options_and_submission_stack(data, tmp_path):
         assert 0 < np.abs(probs[name] - probs["whole"]).mean() < 0.2
 
 
-def test_prediction_workers_write_the_same_results_as_one_process(data, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, *TINY)
+def test_prediction_workers_write_the_same_results_as_one_process(data, trained, tmp_path):
+    ckpt = trained
     for workers in (1, 2):
         out = run(
             "predict_unet_test.py",

@@ -1,0 +1,59 @@
+"""The repo's shape: a framework-free core, and a tree clean under its linter and formatter."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, write_dataset
+
+# What needs no OneFlow: tools/torch_reference.py runs these under PyTorch, and plot.py and evaluate.py start fast.
+CORE = ["errors", "images", "dataset", "augment", "tiling", "metrics", "figures", "lifeline"]
+BLOCK_ONEFLOW = "import sys; sys.modules['oneflow'] = None"  # any `import oneflow` now raises ImportError
+
+
+def python(code, *args):
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO, capture_output=True, text=True)
+
+
+def test_the_core_imports_with_oneflow_unimportable():
+    code = f"{BLOCK_ONEFLOW}; import importlib; [importlib.import_module('isbi_unet.' + m) for m in sys.argv[1:]]"
+    proc = python(code, *CORE)
+    assert proc.returncode == 0, proc.stderr
+    # and the check is real: a OneFlow module fails under the same block
+    assert "import of oneflow halted" in python(f"{BLOCK_ONEFLOW}; import isbi_unet.engine").stderr
+
+
+@pytest.mark.parametrize("script", ["plot.py", "evaluate.py"])
+def test_scripts_on_the_core_run_without_oneflow(tmp_path, script):
+    data = write_dataset(str(tmp_path / "data"), n_train=2, n_test=0)
+    argv = {
+        "plot.py": ["--log", tmp_path / "log.csv", "--out", tmp_path / "loss.png"],
+        "evaluate.py": ["--prob_dir", f"{data}/train/label", "--label_dir", f"{data}/train/label"],
+    }[script]
+    (tmp_path / "log.csv").write_text("epoch,train_loss\n1,0.5\n2,0.4\n")
+    code = f"{BLOCK_ONEFLOW}; import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    proc = python(code, script, *argv)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+
+def test_no_module_stubs_oneflow():
+    offenders = []
+    for folder, _, files in os.walk(REPO):
+        if ".venv" in folder or ".git" in folder:
+            continue
+        for name in files:
+            path = os.path.join(folder, name)
+            if name.endswith(".py") and path != os.path.abspath(__file__):
+                with open(path) as f:
+                    if 'modules["oneflow"]' in f.read():
+                        offenders.append(os.path.relpath(path, REPO))
+    assert offenders == []
+
+
+@pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]])
+def test_the_tree_is_clean_under_ruff(command):
+    proc = subprocess.run([sys.executable, "-m", "ruff", *command], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
