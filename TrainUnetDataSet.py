@@ -32,7 +32,7 @@ from dataloader import SelfDataSet  # noqa: E402
 from isbi_unet.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from isbi_unet.device import select_device  # noqa: E402
 from isbi_unet.engine import EagerEngine, GraphEngine  # noqa: E402
-from isbi_unet.errors import DataError, check_output_dir, make_output_dir, run_main  # noqa: E402
+from isbi_unet.errors import DataError, check_flags, check_output_dir, make_output_dir, run_main  # noqa: E402
 from isbi_unet.figures import plot_losses, read_log  # noqa: E402
 from isbi_unet.images import split_names  # noqa: E402
 from isbi_unet.losses import LOSSES, SegmentationLoss  # noqa: E402
@@ -170,18 +170,13 @@ def resolve_args(args, cuda, world_size=1):
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, max(1, value // world_size) if key == "batch_size" else value)
-    for key in ("epochs", "batch_size", "width", "samples_per_slice"):
-        if getattr(args, key) <= 0:
-            raise DataError(f"--{key} must be positive, got {getattr(args, key)}")
-    for key in ("bn_slices", "val_slices", "seed", "num_workers"):
-        if getattr(args, key) < 0:
-            raise DataError(f"--{key} must be 0 or more, got {getattr(args, key)}")
-    if not args.lr > 0:
-        raise DataError(f"--lr must be positive, got {args.lr}")
+    check_flags(
+        args,
+        positive=("epochs", "batch_size", "width", "samples_per_slice", "lr"),
+        non_negative=("bn_slices", "val_slices", "seed", "num_workers", "elastic_sigma", "border_weight"),
+    )
     if args.crop_size < 0 or 0 < args.crop_size < 16:
         raise DataError(f"--crop_size must be 0 or at least 16 (four poolings), got {args.crop_size}")
-    if args.elastic_sigma < 0 or args.border_weight < 0:
-        raise DataError("--elastic_sigma and --border_weight must be 0 or more")
     if args.val_start < -1:
         raise DataError(f"--val_start must be -1 (the last block) or a slice index, got {args.val_start}")
     if args.amp and not (cuda and args.graph):

@@ -27,6 +27,9 @@ import subprocess
 import sys
 import time
 
+from isbi_unet.device import select_device  # OneFlow is imported only where a measurement needs it
+from isbi_unet.errors import DataError, check_flags, run_main
+
 SETTINGS = {"cpu": dict(width=16, size=256, batch=4), "article": dict(width=64, size=512, batch=1)}
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCH_WORKER = os.path.join(HERE, "tools", "torch_unet.py")  # the same U-Net in PyTorch, for --torch_python
@@ -47,7 +50,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (graph compilation happens here)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="also time graph mode with mixed precision (CUDA only)")
     p.add_argument(
         "--torch_python", "--torch-python", help="a Python interpreter with PyTorch: time the same U-Net there too"
@@ -88,13 +91,12 @@ def peak_memory_mb():
 def oneflow_worker(mode, setting, steps, warmup, device_name, width):
     import oneflow as flow
 
-    sys.path.insert(0, HERE)
     from isbi_unet.engine import InferenceGraphs, TrainGraph
     from isbi_unet.losses import SegmentationLoss
     from unet import UNet
 
     rank, world = flow.env.get_rank(), flow.env.get_world_size()
-    device = flow.device(f"cuda:{flow.env.get_local_rank()}" if device_name == "cuda" else "cpu")
+    device = select_device(device_name, flow.env.get_local_rank())
     s = SETTINGS[setting]
     batch = max(1, s["batch"] // world)  # ddp2 splits the batch; a batch of 1 becomes 1 per process
     flow.manual_seed(0)
@@ -211,14 +213,12 @@ def main(argv=None):
     if args.worker:
         _, mode, setting = args.worker.split(":")
         return oneflow_worker(mode, setting, args.steps, args.warmup, args.device, args.width)
-    if args.steps < 1 or args.warmup < 0:
-        sys.exit("error: --steps must be at least 1 and --warmup at least 0")
-    if args.width is not None and args.width < 1:
-        sys.exit(f"error: --width must be at least 1, got {args.width}")
-    if args.amp and args.device != "cuda":
-        sys.exit("error: --amp needs --device cuda")
+    check_flags(args, positive=("steps", "width"), non_negative=("warmup",))
+    if args.amp and not args.device.startswith("cuda"):
+        raise DataError("--amp needs --device cuda")
     if args.torch_python and not os.path.exists(args.torch_python):
-        sys.exit(f"error: {args.torch_python}: no such interpreter")
+        raise DataError(f"{args.torch_python}: no such interpreter")
+    select_device(args.device)  # a missing GPU is refused here, once, not in every worker
     modes = [m for m in args.modes.split(",") if m] + (["graph_amp"] if args.amp else [])
     settings = list(SETTINGS) if args.setting == "all" else [args.setting]
     results = []
@@ -239,4 +239,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -27,7 +27,7 @@ import oneflow as flow
 from isbi_unet.checkpoint import load_model
 from isbi_unet.device import default_processes, select_device
 from isbi_unet.engine import InferenceGraphs
-from isbi_unet.errors import DataError, check_output_dir, make_output_dir, run_main
+from isbi_unet.errors import DataError, check_flags, check_output_dir, make_output_dir, run_main
 from isbi_unet.images import list_images, preprocess, read_gray, read_label, write_png
 from isbi_unet.metrics import print_scores
 from isbi_unet.record import write_json_record
@@ -157,8 +157,7 @@ def main(argv=None):
     labels = read_labels(args.label_path, names, images) if args.label_path else None
     if args.workers is None:
         args.workers = default_processes(device.type == "cuda", limit=len(images))
-    if args.workers < 1:
-        raise DataError(f"--workers must be at least 1, got {args.workers}")
+    check_flags(args, positive=("workers",))
     states = [load_model(c, device)[1] for c in args.checkpoint]  # checked here, so a bad one fails before any output
     prob_dir = os.path.join(args.save_res_path, "prob")
     make_output_dir(prob_dir, "--save_res_path")

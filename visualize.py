@@ -26,7 +26,7 @@ import numpy as np
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from isbi_unet.errors import DataError, check_output_dir, make_output_dir, run_main  # noqa: E402
+from isbi_unet.errors import DataError, check_flags, check_output_dir, make_output_dir, run_main  # noqa: E402
 from isbi_unet.figures import save_figure  # noqa: E402
 from isbi_unet.images import check_binary_label, check_same_size, list_images, read_gray, write_png  # noqa: E402
 from isbi_unet.metrics import pixel_error  # noqa: E402
@@ -134,12 +134,7 @@ def draw_figure(rows, labelled, out, dpi=100, palette=False):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.n <= 0:
-        raise DataError(f"--n must be positive, got {args.n}")
-    if args.max_side < 0:
-        raise DataError(f"--max_side must be 0 or more, got {args.max_side}")
-    if args.dpi <= 0:
-        raise DataError(f"--dpi must be positive, got {args.dpi}")
+    check_flags(args, positive=("n", "dpi"), non_negative=("max_side",))
     overlay_dir = args.overlay_dir or os.path.join(args.res_path, "overlay")
     figure = args.figure or os.path.join(args.res_path, "figure.png")
     check_output_dir(overlay_dir, "--overlay_dir")

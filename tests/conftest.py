@@ -109,3 +109,16 @@ def trained_run(tmp_path_factory):
 def trained(trained_run, tmp_path):
     """This test's own copy of trained_run's checkpoint folder (trained on the same data as `data`)."""
     return shutil.copytree(trained_run, tmp_path / "trained")
+
+
+def train_script(data_path, ckpt, *flags, epochs=1, check=True):
+    """`TrainUnetDataSet.py --data_path DATA_PATH --epochs EPOCHS --checkpoint_dir CKPT`, TINY's flags, then FLAGS
+    (argparse keeps the last value of a flag, so FLAGS override TINY)."""
+    args = ["--data_path", data_path, "--epochs", epochs, "--checkpoint_dir", ckpt]
+    return run("TrainUnetDataSet.py", *args, *TINY, *flags, check=check)
+
+
+def predict_script(checkpoint, images, res, *flags, check=True):
+    """`predict_unet_test.py --checkpoint CHECKPOINT --Test_Data_path IMAGES --save_res_path RES FLAGS...`."""
+    args = ["--checkpoint", checkpoint, "--Test_Data_path", images, "--save_res_path", res]
+    return run("predict_unet_test.py", *args, *flags, check=check)

@@ -6,23 +6,12 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import TINY, assert_fails, run
+from conftest import assert_fails, predict_script, run, train_script
 from isbi_unet.errors import DataError
 
 
 def train(data_path, ckpt, *extra):
-    return run(
-        "TrainUnetDataSet.py",
-        "--data_path",
-        data_path,
-        "--epochs",
-        1,
-        "--checkpoint_dir",
-        ckpt,
-        *TINY,
-        *extra,
-        check=False,
-    )
+    return train_script(data_path, ckpt, *extra, check=False)
 
 
 def test_missing_data_folder(tmp_path):
@@ -122,31 +111,13 @@ def test_crop_larger_than_image(data, tmp_path):
 
 
 def test_predict_missing_checkpoint_writes_nothing(data, tmp_path):
-    proc = run(
-        "predict_unet_test.py",
-        "--checkpoint",
-        tmp_path / "none",
-        "--Test_Data_path",
-        f"{data}/test",
-        "--save_res_path",
-        tmp_path / "res",
-        check=False,
-    )
+    proc = predict_script(tmp_path / "none", f"{data}/test", tmp_path / "res", check=False)
     assert_fails(proc, tmp_path / "none", "no such checkpoint")
     assert not (tmp_path / "res").exists()
 
 
 def test_predict_rejects_a_folder_that_is_not_a_checkpoint(data, tmp_path):
-    proc = run(
-        "predict_unet_test.py",
-        "--checkpoint",
-        f"{data}/test",
-        "--Test_Data_path",
-        f"{data}/test",
-        "--save_res_path",
-        tmp_path / "res",
-        check=False,
-    )
+    proc = predict_script(f"{data}/test", f"{data}/test", tmp_path / "res", check=False)
     assert_fails(proc, f"{data}/test", "not a checkpoint")
     assert not (tmp_path / "res").exists()
 
@@ -166,16 +137,7 @@ def test_predict_refuses_a_checkpoint_of_the_unstandardised_format(data, tmp_pat
         },
         str(old),
     )
-    proc = run(
-        "predict_unet_test.py",
-        "--checkpoint",
-        old,
-        "--Test_Data_path",
-        f"{data}/test",
-        "--save_res_path",
-        tmp_path / "res",
-        check=False,
-    )
+    proc = predict_script(old, f"{data}/test", tmp_path / "res", check=False)
     assert_fails(proc, old, "older version of this repo on unstandardised input; retrain it")
     assert not (tmp_path / "res").exists()
 
@@ -193,18 +155,7 @@ def test_evaluation_labels_are_checked_like_training_labels(data, trained, tmp_p
     for i in range(3):
         cv2.imwrite(str(labels / f"{i}.png"), cv2.imread(f"{data}/train/label/{i}.png", cv2.IMREAD_UNCHANGED))
     cv2.imwrite(str(labels / "1.png"), label)
-    proc = run(
-        "predict_unet_test.py",
-        "--checkpoint",
-        trained / "best",
-        "--Test_Data_path",
-        f"{data}/test",
-        "--label_path",
-        labels,
-        "--save_res_path",
-        tmp_path / "res",
-        check=False,
-    )
+    proc = predict_script(trained / "best", f"{data}/test", tmp_path / "res", "--label_path", labels, check=False)
     assert_fails(proc, labels / "1.png", problem)
     assert not (tmp_path / "res").exists()
 
@@ -252,16 +203,7 @@ def test_predict_with_corrupt_checkpoint_writes_nothing(data, trained, tmp_path,
     else:
         for out in (trained / "best").glob("tensor_*/out"):
             truncate(out, 10)
-    proc = run(
-        "predict_unet_test.py",
-        "--checkpoint",
-        trained / "best",
-        "--Test_Data_path",
-        f"{data}/test",
-        "--save_res_path",
-        tmp_path / "res",
-        check=False,
-    )
+    proc = predict_script(trained / "best", f"{data}/test", tmp_path / "res", check=False)
     assert_fails(proc, trained / "best", "unreadable checkpoint")
     assert not (tmp_path / "res").exists()
 
@@ -278,32 +220,14 @@ def test_unwritable_checkpoint_dir(data, tmp_path, where):
 def test_unwritable_result_folder_changes_nothing(data, trained, tmp_path):
     blocker = tmp_path / "somefile"
     blocker.write_text("not a folder")
-    proc = run(
-        "predict_unet_test.py",
-        "--checkpoint",
-        trained / "best",
-        "--Test_Data_path",
-        f"{data}/test",
-        "--save_res_path",
-        blocker / "res",
-        check=False,
-    )
+    proc = predict_script(trained / "best", f"{data}/test", blocker / "res", check=False)
     assert_fails(proc, blocker / "res", "--save_res_path", "is a file")
     assert blocker.read_text() == "not a folder"
 
 
 def test_predict_image_too_small(data, trained, tmp_path):
     cv2.imwrite(f"{data}/test/1.png", np.zeros((12, 48), np.uint8))
-    proc = run(
-        "predict_unet_test.py",
-        "--checkpoint",
-        trained / "best",
-        "--Test_Data_path",
-        f"{data}/test",
-        "--save_res_path",
-        tmp_path / "res",
-        check=False,
-    )
+    proc = predict_script(trained / "best", f"{data}/test", tmp_path / "res", check=False)
     assert_fails(proc, f"{data}/test/1.png", "smaller than 16 pixels")
     assert not (tmp_path / "res").exists()
 
@@ -345,15 +269,7 @@ def test_colour_and_16_bit_inputs_are_converted_with_one_warning_each(data, tmp_
 
     test_image = cv2.imread(f"{data}/test/2.png", cv2.IMREAD_GRAYSCALE)
     cv2.imwrite(f"{data}/test/2.png", cv2.cvtColor(test_image, cv2.COLOR_GRAY2BGR).astype(np.uint16) * 257)
-    proc = run(
-        "predict_unet_test.py",
-        "--checkpoint",
-        tmp_path / "ckpt" / "best",
-        "--Test_Data_path",
-        f"{data}/test",
-        "--save_res_path",
-        tmp_path / "res",
-    )
+    proc = predict_script(tmp_path / "ckpt" / "best", f"{data}/test", tmp_path / "res")
     assert warnings_of(proc) == [f"warning: {data}/test/2.png: 16-bit RGB image converted to 8-bit grayscale"]
     assert (tmp_path / "res" / "prob" / "2.png").is_file()
 

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import run
+from conftest import assert_fails, run
 
 
 def test_benchmark_reports_a_row_and_json(tmp_path):
@@ -53,5 +53,4 @@ def test_data_parallel_modes_leave_both_processes_with_the_same_weights(tmp_path
 
 
 def test_benchmark_rejects_a_zero_width():
-    proc = run("benchmark.py", "--width", 0, check=False)
-    assert proc.returncode != 0 and "--width must be at least 1" in proc.stderr
+    assert_fails(run("benchmark.py", "--width", 0, check=False), "--width must be positive, got 0")

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, assert_fails, run, write_dataset
+from conftest import REPO, TINY, assert_fails, run, train_script, write_dataset
 
 
 def read_epochs(log):
@@ -88,19 +88,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
 
 def test_nan_loss_in_the_first_epoch_saves_nothing(data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    proc = run(
-        "TrainUnetDataSet.py",
-        "--data_path",
-        f"{data}/train",
-        "--checkpoint_dir",
-        ckpt,
-        "--epochs",
-        2,
-        "--lr",
-        1e10,
-        *TINY,
-        check=False,
-    )
+    proc = train_script(f"{data}/train", ckpt, "--lr", 1e10, epochs=2, check=False)
     assert_fails(proc, "epoch 1 step 2: loss is nan; stopped, no checkpoint was saved")
     assert not (ckpt / "last").exists() and not (ckpt / "best").exists()
 

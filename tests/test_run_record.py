@@ -6,7 +6,7 @@ import subprocess
 
 import oneflow as flow
 
-from conftest import REPO, TINY, run
+from conftest import REPO, predict_script, train_script
 from isbi_unet.record import run_record
 
 
@@ -33,22 +33,14 @@ def test_record_outside_a_git_checkout(tmp_path):
 
 def test_training_and_prediction_write_their_records(data, tmp_path):
     ckpt, res = tmp_path / "ckpt", tmp_path / "res"
-    run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, *TINY)
+    train_script(f"{data}/train", ckpt)
     config = json.loads((ckpt / "config.json").read_text())
     assert config["width"] == 4 and config["epochs"] == 1 and config["world_size"] == 1  # the resolved settings
     assert config["device"] == "cpu:0" and config["oneflow"] == flow.__version__
     assert config["git_commit"] == git("rev-parse", "HEAD")
     assert "TrainUnetDataSet.py --data_path" in config["command"] and "--width 4" in config["command"]
 
-    run(
-        "predict_unet_test.py",
-        "--checkpoint",
-        ckpt / "best",
-        "--Test_Data_path",
-        f"{data}/test",
-        "--save_res_path",
-        res,
-    )
+    predict_script(ckpt / "best", f"{data}/test", res)
     record = json.loads((res / "run.json").read_text())
     assert record["args"]["checkpoint"] == str(ckpt / "best") and record["checkpoint_epoch"] == 1
     assert record["model_config"]["width"] == 4 and record["git_commit"] == config["git_commit"]

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import TINY, assert_fails, run
+from conftest import assert_fails, predict_script, run, train_script
 from isbi_unet.errors import DataError
 
 
@@ -30,18 +30,7 @@ def test_held_out_block_is_contiguous_and_movable(data):
 
 def test_train_predict_plot_round_trip(data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    out = run(
-        "TrainUnetDataSet.py",
-        "--data_path",
-        f"{data}/train",
-        "--epochs",
-        2,
-        "--checkpoint_dir",
-        ckpt,
-        *TINY,
-        "--samples_per_slice",
-        3,
-    ).stdout
+    out = train_script(f"{data}/train", ckpt, "--samples_per_slice", 3, epochs=2).stdout
     assert "recipe cpu (--recipe" not in out and "recipe cpu (no CUDA device)" in out
     assert "4 training slices x 3 sample(s) per epoch, 2 validation slices" in out
     for name in ("best", "last"):
@@ -59,15 +48,7 @@ def test_train_predict_plot_round_trip(data, tmp_path):
     assert (ckpt / "loss.png").is_file()
 
     res = tmp_path / "res"
-    out = run(
-        "predict_unet_test.py",
-        "--checkpoint",
-        ckpt / "best",
-        "--Test_Data_path",
-        f"{data}/test",
-        "--save_res_path",
-        res,
-    ).stdout
+    out = predict_script(ckpt / "best", f"{data}/test", res).stdout
     assert "3 masks" in out
     for i in range(3):
         mask = cv2.imread(str(res / f"{i}.png"), cv2.IMREAD_UNCHANGED)
@@ -84,19 +65,8 @@ def test_train_predict_plot_round_trip(data, tmp_path):
 
 def test_resume_continues_from_saved_epoch(data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, *TINY)
-    out = run(
-        "TrainUnetDataSet.py",
-        "--data_path",
-        f"{data}/train",
-        "--epochs",
-        3,
-        "--checkpoint_dir",
-        ckpt,
-        "--resume",
-        ckpt / "last",
-        *TINY,
-    ).stdout
+    train_script(f"{data}/train", ckpt)
+    out = train_script(f"{data}/train", ckpt, "--resume", ckpt / "last", epochs=3).stdout
     assert "epoch   1/3" not in out and "epoch   2/3" in out and "epoch   3/3" in out
     assert [r["epoch"] for r in read_log(ckpt / "log.csv")] == ["1", "2", "3"]
 
@@ -108,20 +78,7 @@ def test_lr_reaches_the_optimizer(data, tmp_path):
     from isbi_unet.checkpoint import load_checkpoint
 
     ckpt = tmp_path / "ckpt"
-    run(
-        "TrainUnetDataSet.py",
-        "--data_path",
-        f"{data}/train",
-        "--epochs",
-        1,
-        "--checkpoint_dir",
-        ckpt,
-        "--lr",
-        1e-12,
-        "--schedule",
-        "constant",
-        *TINY,
-    )
+    train_script(f"{data}/train", ckpt, "--lr", 1e-12, "--schedule", "constant")
     state = load_checkpoint(str(ckpt / "last"))
     assert state["optimizer"]["param_groups"][0]["_options"]["lr"] == 1e-12
     flow.manual_seed(0)
@@ -134,26 +91,8 @@ def test_lr_reaches_the_optimizer(data, tmp_path):
 
 def test_bilinear_model_trains_and_predicts(data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    run(
-        "TrainUnetDataSet.py",
-        "--data_path",
-        f"{data}/train",
-        "--epochs",
-        1,
-        "--checkpoint_dir",
-        ckpt,
-        "--bilinear",
-        *TINY,
-    )
-    run(
-        "predict_unet_test.py",
-        "--checkpoint",
-        ckpt / "best",
-        "--Test_Data_path",
-        f"{data}/test",
-        "--save_res_path",
-        tmp_path / "res",
-    )
+    train_script(f"{data}/train", ckpt, "--bilinear")
+    predict_script(ckpt / "best", f"{data}/test", tmp_path / "res")
     assert len(os.listdir(tmp_path / "res" / "prob")) == 3
 
 
@@ -162,20 +101,7 @@ def test_cosine_schedule_reaches_the_optimizer(data, tmp_path):
 
     ckpt = tmp_path / "ckpt"
     # 4 training slices, batch 2: 2 steps per epoch, 4 in all; after epoch 1 the cosine is at its middle.
-    run(
-        "TrainUnetDataSet.py",
-        "--data_path",
-        f"{data}/train",
-        "--epochs",
-        2,
-        "--checkpoint_dir",
-        ckpt,
-        "--lr",
-        0.01,
-        "--schedule",
-        "cosine",
-        *TINY,
-    )
+    train_script(f"{data}/train", ckpt, "--lr", 0.01, "--schedule", "cosine", epochs=2)
     with open(ckpt / "log.csv") as f:
         lrs = [float(row["lr"]) for row in csv.DictReader(f)]
     assert lrs == pytest.approx([0.005, 0.0])
@@ -188,17 +114,7 @@ def test_graph_and_eager_training_agree(data, tmp_path):
 
     # 4 training slices in batches of 2: no short batch for the graph to drop, so both see the same data.
     for mode in ("eager", "graph"):
-        run(
-            "TrainUnetDataSet.py",
-            "--data_path",
-            f"{data}/train",
-            "--epochs",
-            2,
-            "--checkpoint_dir",
-            tmp_path / mode,
-            *TINY,
-            *(["--graph"] if mode == "graph" else []),
-        )
+        train_script(f"{data}/train", tmp_path / mode, *(["--graph"] if mode == "graph" else []), epochs=2)
     eager, graph = (load_checkpoint(str(tmp_path / m / "last")) for m in ("eager", "graph"))
     assert "graph" in graph and "optimizer" in eager
     for key, value in eager["model"].items():
@@ -219,36 +135,13 @@ def test_graph_and_eager_training_agree(data, tmp_path):
 
 def test_graph_checkpoint_resumes_in_graph_mode(data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    run(
-        "TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", ckpt, "--graph", *TINY
-    )
-    out = run(
-        "TrainUnetDataSet.py",
-        "--data_path",
-        f"{data}/train",
-        "--epochs",
-        2,
-        "--checkpoint_dir",
-        ckpt,
-        "--graph",
-        "--resume",
-        ckpt / "last",
-        *TINY,
-    ).stdout
+    train_script(f"{data}/train", ckpt, "--graph")
+    out = train_script(f"{data}/train", ckpt, "--graph", "--resume", ckpt / "last", epochs=2).stdout
     assert "Adam's moments restart" not in out and "epoch   2/2" in out
     assert [r["epoch"] for r in read_log(ckpt / "log.csv")] == ["1", "2"]
     # and it predicts like any checkpoint, also through a graph
     res = tmp_path / "res"
-    out = run(
-        "predict_unet_test.py",
-        "--checkpoint",
-        ckpt / "best",
-        "--Test_Data_path",
-        f"{data}/test",
-        "--save_res_path",
-        res,
-        "--graph",
-    ).stdout
+    out = predict_script(ckpt / "best", f"{data}/test", res, "--graph").stdout
     assert "3 masks" in out and "graph" in out
 
 
@@ -257,17 +150,8 @@ def test_prediction_options_and_submission_stack(data, trained, tmp_path):
     probs = {}
     for name, extra in {"whole": [], "tiles": ["--tile", "32", "--overlap", "16"], "tta": ["--tta"]}.items():
         res = tmp_path / name
-        out = run(
-            "predict_unet_test.py",
-            "--checkpoint",
-            ckpt / "best",
-            "--Test_Data_path",
-            f"{data}/train/image",
-            "--label_path",
-            f"{data}/train/label",
-            "--save_res_path",
-            res,
-            *extra,
+        out = predict_script(
+            ckpt / "best", f"{data}/train/image", res, "--label_path", f"{data}/train/label", *extra
         ).stdout
         assert out.splitlines()[-1].startswith("mean")  # the score table, one row per slice and the stack
         assert len(out.splitlines()) == 1 + 1 + 6 + 1
@@ -284,17 +168,7 @@ def test_prediction_options_and_submission_stack(data, trained, tmp_path):
 def test_prediction_workers_write_the_same_results_as_one_process(data, trained, tmp_path):
     ckpt = trained
     for workers in (1, 2):
-        out = run(
-            "predict_unet_test.py",
-            "--checkpoint",
-            ckpt / "best",
-            "--Test_Data_path",
-            f"{data}/test",
-            "--save_res_path",
-            tmp_path / f"w{workers}",
-            "--workers",
-            workers,
-        ).stdout
+        out = predict_script(ckpt / "best", f"{data}/test", tmp_path / f"w{workers}", "--workers", workers).stdout
         assert f"x {workers} process(es)" in out
     assert (tmp_path / "w1" / "submission.tif").read_bytes() == (tmp_path / "w2" / "submission.tif").read_bytes()
     for i in range(3):
@@ -304,18 +178,7 @@ def test_prediction_workers_write_the_same_results_as_one_process(data, trained,
 def test_several_checkpoints_average_their_probabilities(data, tmp_path):
     ckpts = [tmp_path / f"seed{s}" for s in (0, 1)]
     for seed, ckpt in zip((0, 1), ckpts):
-        run(
-            "TrainUnetDataSet.py",
-            "--data_path",
-            f"{data}/train",
-            "--epochs",
-            1,
-            "--checkpoint_dir",
-            ckpt,
-            *TINY,
-            "--seed",
-            seed,
-        )
+        train_script(f"{data}/train", ckpt, "--seed", seed)
     pages = {}
     for name, chosen in {"a": ckpts[:1], "b": ckpts[1:], "ab": ckpts}.items():
         out = run(

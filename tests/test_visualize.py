@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import assert_fails, run, write_dataset
+from conftest import assert_fails, run, train_script, write_dataset
 
 
 @pytest.fixture
@@ -45,25 +45,15 @@ def test_overlays_and_figure_without_labels(predicted):
     assert figure.shape[1] == 1200 and figure.shape[0] > 800  # 4 columns, 3 rows
 
 
+def labelled(data):
+    """The flags that show the training slices with their labels."""
+    return ["--image_path", f"{data}/train/image", "--label_path", f"{data}/train/label"]
+
+
 def test_figure_with_labels_and_shrunk_overlays(predicted, tmp_path):
     data, res = predicted
-    run(
-        "visualize.py",
-        "--res_path",
-        res,
-        "--image_path",
-        f"{data}/train/image",
-        "--label_path",
-        f"{data}/train/label",
-        "--n",
-        2,
-        "--figure",
-        tmp_path / "fig.png",
-        "--overlay_dir",
-        tmp_path / "ov",
-        "--max_side",
-        24,
-    )
+    out = ["--figure", tmp_path / "fig.png", "--overlay_dir", tmp_path / "ov", "--max_side", 24]
+    run("visualize.py", "--res_path", res, *labelled(data), "--n", 2, *out)
     assert cv2.imread(str(tmp_path / "fig.png")).shape[:2] == (620, 1200)
     assert sorted(os.listdir(tmp_path / "ov")) == ["0.png", "1.png"]
     assert cv2.imread(str(tmp_path / "ov" / "0.png")).shape == (24, 24, 3)
@@ -82,24 +72,15 @@ def test_bad_flags_and_unknown_images(predicted, tmp_path):
     os.remove(res / "run.json")
     assert_fails(run("visualize.py", "--res_path", res, check=False), res / "run.json", "--image_path")
     cv2.imwrite(f"{data}/train/label/0.png", np.full((48, 48), 128, np.uint8))
-    proc = run(
-        "visualize.py",
-        "--res_path",
-        res,
-        "--image_path",
-        f"{data}/train/image",
-        "--label_path",
-        f"{data}/train/label",
-        check=False,
-    )
+    proc = run("visualize.py", "--res_path", res, *labelled(data), check=False)
     assert_fails(proc, f"{data}/train/label/0.png", "not a binary label")
 
 
 def test_make_docs_draws_the_readme_pictures_from_a_run(data, tmp_path):
-    from conftest import REPO, TINY
+    from conftest import REPO
 
     ckpt = tmp_path / "ckpt"
-    run("TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", ckpt, *TINY)
+    train_script(f"{data}/train", ckpt, epochs=2)
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
     proc = subprocess.run(
         ["bash", "tools/make_docs.sh", str(ckpt), str(tmp_path / "out")],
