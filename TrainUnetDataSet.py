@@ -18,6 +18,7 @@ import argparse
 import math
 import os
 import random
+import shutil
 import time
 from types import SimpleNamespace
 
@@ -25,19 +26,19 @@ from isbi_unet.lifeline import tie_to_launcher
 
 tie_to_launcher()  # before oneflow's import, which under the launcher waits for every rank to join
 
-import numpy as np  # noqa: E402
-import oneflow as flow  # noqa: E402
+import numpy as np
+import oneflow as flow
 
-from dataloader import SelfDataSet  # noqa: E402
-from isbi_unet.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from isbi_unet.device import select_device  # noqa: E402
-from isbi_unet.engine import EagerEngine, GraphEngine  # noqa: E402
-from isbi_unet.errors import DataError, check_flags, check_output_dir, make_output_dir, run_main  # noqa: E402
-from isbi_unet.figures import plot_losses, read_log  # noqa: E402
-from isbi_unet.images import split_names  # noqa: E402
-from isbi_unet.losses import LOSSES, SegmentationLoss  # noqa: E402
-from isbi_unet.record import write_json_record  # noqa: E402
-from isbi_unet.training import (  # noqa: E402  # noqa: E402
+from dataloader import SelfDataSet
+from isbi_unet.checkpoint import load_checkpoint, save_checkpoint
+from isbi_unet.device import select_device
+from isbi_unet.engine import EagerEngine, GraphEngine
+from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main
+from isbi_unet.figures import plot_losses, read_log
+from isbi_unet.images import split_names
+from isbi_unet.losses import LOSSES, SegmentationLoss
+from isbi_unet.record import write_json_record
+from isbi_unet.training import (
     NonFiniteLoss,
     append_log,
     evaluate,
@@ -46,7 +47,7 @@ from isbi_unet.training import (  # noqa: E402  # noqa: E402
     train_one_epoch,
     truncate_log,
 )
-from unet import UNet  # noqa: E402
+from unet import UNet
 
 # Defaults that depend on the machine live here and nowhere else. "full" is the article's setting
 # (width-64 U-Net on whole 512x512 slices); "cpu" is sized to finish in under 30 minutes on 2 cores.
@@ -146,10 +147,10 @@ def parse_args(argv=None):
     add(
         "--checkpoint_dir",
         "--checkpoint-dir",
-        default="checkpoints",
-        help="where checkpoints, log.csv and config.json go",
+        help="where checkpoints, log.csv and config.json go (default: the folder of --resume, else checkpoints)",
     )
     add("--resume", help="checkpoint to continue from (model, optimizer, epoch, best validation V_rand)")
+    add("--overwrite", action="store_true", help="train into a --checkpoint_dir that holds another run, replacing it")
     add(
         "--num_workers",
         "--num-workers",
@@ -185,8 +186,29 @@ def resolve_args(args, cuda, world_size=1):
         )
     if args.graph and world_size > 1:
         raise DataError("--graph runs on one process; under the launcher train in eager mode (DistributedDataParallel)")
-    check_output_dir(args.checkpoint_dir, "--checkpoint_dir")
+    resolve_checkpoint_dir(args)
     return args
+
+
+RUN_FILES = ("log.csv", "config.json", "best", "last")  # what makes a folder hold a run
+
+
+def resolve_checkpoint_dir(args):
+    """--checkpoint_dir: a resumed run continues in its own folder; a folder holding another run is kept
+    unless --overwrite says to replace it; and the folder lies apart from the data."""
+    if args.checkpoint_dir is None:
+        args.checkpoint_dir = (os.path.dirname(args.resume) or ".") if args.resume else "checkpoints"
+    check_apart(args.checkpoint_dir, "--checkpoint_dir", [(args.data_path, "--data_path")])
+    check_output_dir(args.checkpoint_dir, "--checkpoint_dir")
+    folder = os.path.realpath(args.checkpoint_dir)
+    continuing = args.resume is not None and os.path.realpath(os.path.dirname(args.resume) or ".") == folder
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
+    args.replace_run = bool(found) and not continuing
+    if args.replace_run and not args.overwrite:
+        raise DataError(
+            f"{args.checkpoint_dir}: --checkpoint_dir holds another run ({', '.join(found)}); continue it with "
+            f"--resume {os.path.join(args.checkpoint_dir, 'last')}, write elsewhere, or replace it with --overwrite"
+        )
 
 
 def seed_all(seed):
@@ -212,6 +234,7 @@ def build_dataloaders(args, device):
         border_weight=args.border_weight,
         samples_per_slice=args.samples_per_slice,
     )
+    check_whole_slices_batch(args, train_set)
     val_set = SelfDataSet(image_dir, label_dir, val_names) if val_names else None
     sampler = flow.utils.data.DistributedSampler(
         train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed
@@ -231,6 +254,18 @@ def build_dataloaders(args, device):
             f"give no full batch of --batch_size {args.batch_size}"
         )
     return loader, val_set
+
+
+def check_whole_slices_batch(args, train_set):
+    """Whole slices of different sizes cannot share a batch, nor one compiled graph: say so before training."""
+    sizes = sorted({image.shape[1:] for image in train_set.images})
+    if args.crop_size or len(sizes) == 1 or (args.batch_size == 1 and not args.graph):
+        return
+    (h1, w1), (h2, w2) = sizes[0], sizes[-1]
+    raise DataError(
+        f"{args.data_path}: training slices differ in size ({w1}x{h1} ... {w2}x{h2}), so whole slices cannot be "
+        "batched; train on crops (--crop_size N) or, in eager mode, with --batch_size 1"
+    )
 
 
 def build_engine(args, model, criterion, steps_per_epoch):
@@ -273,6 +308,9 @@ def prepare_checkpoint_dir(args, run, loader, val_set, device):
     """Rank 0: the folder, a log without the epochs this run redoes, config.json, and what the run will do."""
     world_size = flow.env.get_world_size()
     make_output_dir(args.checkpoint_dir, "--checkpoint_dir")
+    if args.replace_run:  # --overwrite: nothing of the old run stays to be mistaken for this one's
+        for name in (*RUN_FILES, "loss.png"):
+            remove_path(os.path.join(args.checkpoint_dir, name))
     truncate_log(os.path.join(args.checkpoint_dir, "log.csv"), run.start_epoch - 1)
     write_json_record(
         os.path.join(args.checkpoint_dir, "config.json"), {**vars(args), "world_size": world_size}, device
@@ -289,15 +327,24 @@ def prepare_checkpoint_dir(args, run, loader, val_set, device):
     )
 
 
+def remove_path(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
 def engine_name(args):
     return "graph" if args.graph else "eager"
 
 
 def save_epoch(args, engine, run, epoch, train_loss, scores, seconds, steps_per_epoch):
     """Rank 0: log row, then best, then last; a kill between them leaves `last` as the resume point."""
-    is_best = not scores or scores["v_rand"] > run.best_v_rand
-    if scores and is_best:
-        run.best_v_rand = scores["v_rand"]
+    v_rand = scores.get("v_rand", math.nan)
+    # Best among finite scores; until there is one (no held-out block, or labels without cells) it follows last.
+    is_best = v_rand > run.best_v_rand if math.isfinite(v_rand) else not math.isfinite(run.best_v_rand)
+    if math.isfinite(v_rand) and is_best:
+        run.best_v_rand = v_rand
     row = dict(epoch=epoch, train_loss=f"{train_loss:.5f}")
     row.update({k: f"{scores.get(k, float('nan')):.5f}" for k in ("val_loss", "v_rand", "v_info", "pixel_error")})
     lr = lr_at(args.lr, args.schedule, epoch * steps_per_epoch, args.epochs * steps_per_epoch)
@@ -316,6 +363,14 @@ def save_epoch(args, engine, run, epoch, train_loss, scores, seconds, steps_per_
         f"{'  *best' if is_best else ''}  {seconds:.1f}s",
         flush=True,
     )
+
+
+def best_reason(args, run):
+    if math.isfinite(run.best_v_rand):
+        return f"validation V_rand {run.best_v_rand:.4f}"
+    if not args.val_slices:
+        return "the last epoch: --val_slices 0 holds out nothing to score"
+    return "the last epoch: no epoch had a finite validation V_rand, as no held-out label has a cell (255) pixel"
 
 
 def main(argv=None):
@@ -348,8 +403,7 @@ def main(argv=None):
         saved = f"last good checkpoint is {run.last_saved}" if run.last_saved else "no checkpoint was saved"
         raise DataError(f"{e}; stopped, {saved}") from None
     if master_process:
-        best = os.path.join(args.checkpoint_dir, "best")
-        print(f"done: best checkpoint {best} (validation V_rand {run.best_v_rand:.4f})")
+        print(f"done: best checkpoint {os.path.join(args.checkpoint_dir, 'best')} ({best_reason(args, run)})")
     return model
 
 

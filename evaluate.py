@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from isbi_unet.errors import DataError, run_main
-from isbi_unet.images import check_binary_label, list_images, natural_key, read_gray
+from isbi_unet.images import list_images, natural_key, read_gray, read_label
 from isbi_unet.metrics import print_scores
 
 
@@ -47,9 +47,7 @@ def common_names(prob_dirs, label_dir):
 
 def read_slice(prob_dirs, label_dir, name):
     """(mean cell probability in [0, 1], label) of one slice, checked as training checks labels."""
-    label_path = os.path.join(label_dir, name)
-    label = read_gray(label_path)
-    check_binary_label(label, label_path)
+    label = read_label(os.path.join(label_dir, name))
     maps = [read_gray(os.path.join(prob_dir, name)) for prob_dir in prob_dirs]
     for prob_dir, prob in zip(prob_dirs, maps):
         if prob.shape != label.shape:

@@ -20,7 +20,7 @@ import urllib.request
 
 import cv2
 
-from isbi_unet.errors import DataError, run_main
+from isbi_unet.errors import DataError, check_apart, run_main
 from isbi_unet.images import find_pairs, list_images, read_gray, read_pair
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -50,8 +50,14 @@ def check(root):
 
 
 def copy_from(source, staging):
+    missing = [part for part in PARTS if not os.path.isdir(os.path.join(source, part))]
+    if missing:
+        raise DataError(f"{source}: no {', '.join(p + '/' for p in missing)} (expected {', '.join(PARTS)})")
     for part in PARTS:
-        shutil.copytree(os.path.join(source, part), os.path.join(staging, part))
+        try:
+            shutil.copytree(os.path.join(source, part), os.path.join(staging, part))
+        except (OSError, shutil.Error) as e:
+            raise DataError(f"{os.path.join(source, part)}: cannot be copied ({e})") from None
 
 
 def download_to(staging, url_template):
@@ -96,6 +102,8 @@ def main(argv=None):
     from_env = bool(os.environ.get("ISBI_DATA"))
     if from_env and not os.path.isdir(args.source):
         raise DataError(f"{args.source}: ISBI_DATA points to no folder")
+    if os.path.isdir(args.source):
+        check_apart(args.data_dir, "--data_dir", [(args.source, "--source")])
     os.makedirs(args.data_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".incoming-", dir=args.data_dir)
     try:

@@ -8,7 +8,7 @@ has them, the validation metrics (V_rand, V_info, pixel error) in a second panel
 import argparse
 import os
 
-from isbi_unet.errors import check_output_dir, run_main
+from isbi_unet.errors import check_apart, check_output_dir, run_main
 from isbi_unet.figures import plot_losses, read_log
 
 
@@ -18,6 +18,7 @@ def main(argv=None):
     p.add_argument("--out", help="PNG to write (default: loss.png beside the log)")
     args = p.parse_args(argv)
     out = args.out or os.path.join(os.path.dirname(args.log) or ".", "loss.png")
+    check_apart(out, "--out", [(args.log, "--log")])
     check_output_dir(os.path.dirname(out) or ".", "--out")
     plot_losses(read_log(args.log), out)
     print(out)

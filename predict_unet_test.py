@@ -27,7 +27,7 @@ import oneflow as flow
 from isbi_unet.checkpoint import load_model
 from isbi_unet.device import default_processes, select_device
 from isbi_unet.engine import InferenceGraphs
-from isbi_unet.errors import DataError, check_flags, check_output_dir, make_output_dir, run_main
+from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main
 from isbi_unet.images import list_images, preprocess, read_gray, read_label, write_png
 from isbi_unet.metrics import print_scores
 from isbi_unet.record import write_json_record
@@ -140,13 +140,32 @@ def write_run_record(args, states, device):
     write_json_record(os.path.join(args.save_res_path, "run.json"), record, device)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def output_names(folder, names):
+    """NAME.png for each input; two inputs that would share one output name are refused."""
+    outputs = {}
+    for name in names:
+        out = os.path.splitext(name)[0] + ".png"
+        if out in outputs:
+            raise DataError(f"{folder}: {outputs[out]} and {name} would both be written as {out}; rename one")
+        outputs[out] = name
+    return list(outputs)
+
+
+def check_outputs(args):
+    """--save_res_path can be made and written, and lies apart from every input."""
     if not 0.0 < args.threshold < 1.0:
         raise DataError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
+    inputs = [(args.Test_Data_path, "--Test_Data_path"), (args.label_path, "--label_path")]
+    check_apart(args.save_res_path, "--save_res_path", inputs + [(c, "--checkpoint") for c in args.checkpoint])
     check_output_dir(args.save_res_path, "--save_res_path")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_outputs(args)
     device = select_device(args.device)
     names = list_images(args.Test_Data_path)
+    out_names = output_names(args.Test_Data_path, names)
     images = [read_gray(os.path.join(args.Test_Data_path, n)) for n in names]  # all checked before any work
     small = [n for n, im in zip(names, images) if min(im.shape) < 16]
     if small:
@@ -164,9 +183,8 @@ def main(argv=None):
 
     t0 = time.time()
     probs = []
-    for name, prob in zip(names, predict_all(args, images, device)):
+    for out_name, prob in zip(out_names, predict_all(args, images, device)):
         probs.append(prob)
-        out_name = os.path.splitext(name)[0] + ".png"
         write_png(os.path.join(prob_dir, out_name), np.round(prob * 255).astype(np.uint8))
         write_png(os.path.join(args.save_res_path, out_name), np.where(prob >= args.threshold, 255, 0).astype(np.uint8))
     seconds = time.time() - t0

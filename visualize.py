@@ -20,16 +20,12 @@ import json
 import os
 
 import cv2
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-
-from isbi_unet.errors import DataError, check_flags, check_output_dir, make_output_dir, run_main  # noqa: E402
-from isbi_unet.figures import save_figure  # noqa: E402
-from isbi_unet.images import check_binary_label, check_same_size, list_images, read_gray, write_png  # noqa: E402
-from isbi_unet.metrics import pixel_error  # noqa: E402
+from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main
+from isbi_unet.figures import plt, save_figure  # figures selects matplotlib's headless backend
+from isbi_unet.images import check_same_size, list_images, read_gray, read_label, write_png
+from isbi_unet.metrics import pixel_error
 
 MEMBRANE_BGR = (255, 0, 255)  # magenta: stands out on grey, and for red-green colour blindness
 ALPHA = 0.45
@@ -91,9 +87,7 @@ def load_slice(args, name):
     mask = read_same_size(os.path.join(args.res_path, out_name), image.shape)
     label = None
     if args.label_path:
-        label_path = os.path.join(args.label_path, out_name)
-        label = read_same_size(label_path, image.shape)
-        check_binary_label(label, label_path)
+        label = read_label(os.path.join(args.label_path, out_name), image.shape)
     return image, prob, mask, label
 
 
@@ -132,14 +126,25 @@ def draw_figure(rows, labelled, out, dpi=100, palette=False):
     save_figure(fig, out, "the figure", palette)
 
 
+def check_outputs(args, overlay_dir, figure):
+    """Overlays and figure lie apart from the slices and labels, and never replace the masks they draw."""
+    inputs = [(args.image_path, "--image_path"), (args.label_path, "--label_path")]
+    check_apart(overlay_dir, "--overlay_dir", inputs)
+    check_apart(figure, "--figure", inputs)
+    for kept in (args.res_path, os.path.join(args.res_path, "prob")):
+        if os.path.realpath(overlay_dir) == os.path.realpath(kept):
+            raise DataError(f"{overlay_dir}: --overlay_dir is {kept}, whose masks it would overwrite; choose another")
+    check_output_dir(overlay_dir, "--overlay_dir")
+    check_output_dir(os.path.dirname(os.path.abspath(figure)), "--figure")
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_flags(args, positive=("n", "dpi"), non_negative=("max_side",))
     overlay_dir = args.overlay_dir or os.path.join(args.res_path, "overlay")
     figure = args.figure or os.path.join(args.res_path, "figure.png")
-    check_output_dir(overlay_dir, "--overlay_dir")
-    check_output_dir(os.path.dirname(os.path.abspath(figure)), "--figure")
     args.image_path = args.image_path or image_path_from_run(args.res_path)
+    check_outputs(args, overlay_dir, figure)
     names = list_images(args.image_path)[: args.n]
     slices = [(name, *load_slice(args, name)) for name in names]  # everything checked before writing
 

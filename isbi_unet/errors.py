@@ -59,3 +59,28 @@ def make_output_dir(path, flag):
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         raise DataError(f"{path}: {flag} cannot be written ({e.strerror})") from None
+
+
+def inside(path, folder):
+    """Whether `path` lies strictly inside `folder` (both resolved, so links and `..` do not hide it)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder and path != folder
+
+
+def check_apart(output, flag, inputs):
+    """The rule that keeps a user's data: an output that is, contains or lies inside an input is refused.
+
+    inputs: (path, flag) pairs, None paths skipped. Checked before any work, so nothing is written.
+    """
+    for path, input_flag in inputs:
+        if path is None:
+            continue
+        if os.path.realpath(output) == os.path.realpath(path):
+            relation = "is"
+        elif inside(output, path):
+            relation = "lies inside"
+        elif inside(path, output):
+            relation = "contains"
+        else:
+            continue
+        raise DataError(f"{output}: {flag} {relation} {input_flag} {path}; write outputs to a folder apart from inputs")

@@ -19,19 +19,23 @@ METRICS = {"v_rand": "V_rand", "v_info": "V_info", "pixel_error": "pixel error"}
 
 
 def number(text):
-    # Blank cells (a metric not computed that epoch) are gaps in the curve, not errors.
+    # Blank cells (a metric not computed that epoch) and inf (a diverged loss) are gaps in the curve, not errors.
     try:
-        return float(text)
+        value = float(text)
     except (TypeError, ValueError):
         return math.nan
+    return value if math.isfinite(value) else math.nan
 
 
 def read_log(path):
     """The log's epoch, loss and metric columns as lists of floats (NaN where a cell is blank)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such log (train first with TrainUnetDataSet.py)")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error):
+        raise DataError(f"{path}: not a training log (not CSV text)") from None
     if not rows or "epoch" not in rows[0] or "train_loss" not in rows[0]:
         raise DataError(f"{path}: not a training log (expected epoch and train_loss columns with rows)")
     columns = {k: [number(r[k]) for r in rows] for k in ("epoch", *LOSSES, *METRICS) if k in rows[0]}

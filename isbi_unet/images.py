@@ -50,14 +50,28 @@ def read_gray(path):
             img = img[:, :, 0]
     deep = img.dtype == np.uint16
     if deep:
-        img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+        img, bits = to_8_bit(img)
     if kind and deep:
-        warn(f"{path}: 16-bit {kind} image converted to 8-bit grayscale")
+        warn(f"{path}: 16-bit {kind} image converted to 8-bit grayscale{used_bits(bits)}")
     elif kind:
         warn(f"{path}: {kind} image converted to grayscale")
     elif deep:
-        warn(f"{path}: 16-bit image scaled to 8-bit")
+        warn(f"{path}: 16-bit image scaled to 8-bit{used_bits(bits)}")
     return img
+
+
+def to_8_bit(img):
+    """A uint16 image scaled to uint8 from the bits its values use, and that bit count.
+
+    Cameras and microscopes store 10-, 12- or 14-bit data in 16-bit files; dividing by 257 would
+    leave such an image a handful of grey levels, so the full scale is 2**bits - 1 of its own values.
+    """
+    bits = max(8, int(img.max()).bit_length())
+    return (img.astype(np.float32) * (255.0 / (2**bits - 1)) + 0.5).astype(np.uint8), bits
+
+
+def used_bits(bits):
+    return "" if bits == 16 else f" (its values use {bits} bits; those are what was kept)"
 
 
 def write_png(path, array):
@@ -112,10 +126,21 @@ def check_same_size(array, path, image_shape):
     return array
 
 
-def read_label(label_path, image_shape):
-    """A label as a uint8 array, checked against its image's (H, W): same size, binary."""
-    label = check_same_size(read_gray(label_path), label_path, image_shape)
+def read_label(label_path, image_shape=None):
+    """A label as a uint8 0/255 array, checked: binary, and the size of its image's (H, W) when given.
+
+    0/1 labels (a common way to save masks) are read as 0/255. A label that is mostly membrane gets a
+    warning: ISBI's are about three quarters cell, so 255 = membrane (inverted) is the likely mistake.
+    """
+    label = read_gray(label_path)
+    if image_shape is not None:
+        check_same_size(label, label_path, image_shape)
+    if label.max() == 1:
+        label = label * np.uint8(255)
     check_binary_label(label, label_path)
+    cell = np.count_nonzero(label > 127) / label.size
+    if cell < 0.5:
+        warn(f"{label_path}: only {cell:.0%} of pixels are cell (255); is the label inverted (255 = membrane)?")
     return label
 
 

@@ -103,17 +103,28 @@ def isbi_scores(prob, label, thresholds=THRESHOLDS):
     return _best(score_curve(prob, label, thresholds), thresholds, pixel_error(prob, label))
 
 
+def mean_curve(curves):
+    """Mean of per-slice score curves over the slices that have one: a label without cells has no
+    Rand or information score (NaN) and is left out rather than making the stack's score NaN."""
+    curves = np.asarray(curves, np.float64)
+    scored = np.all(np.isfinite(curves), axis=(1, 2))
+    if not scored.any():
+        return np.full(curves.shape[1:], np.nan)
+    return curves[scored].mean(axis=0)
+
+
 def evaluate_slices(probs, labels, thresholds=THRESHOLDS):
     """Stack scores: per threshold, the mean over slices; then the best threshold for each mean.
 
     As in the challenge, one threshold serves the whole stack, so this is at most the mean of the
-    per-slice bests. Pixel error is the mean over slices at 0.5.
+    per-slice bests. Slices whose label has no cell are left out of V_rand and V_info (mean_curve).
+    Pixel error is the mean over slices at 0.5.
     """
     curves = [score_curve(prob, label, thresholds) for prob, label in zip(probs, labels)]
     errors = [pixel_error(prob, label) for prob, label in zip(probs, labels)]
     if not curves:
         raise ValueError("no slices")
-    return _best(np.mean(curves, axis=0), thresholds, np.mean(errors))
+    return _best(mean_curve(curves), thresholds, np.mean(errors))
 
 
 def print_scores(names, probs, labels):
@@ -128,6 +139,6 @@ def print_scores(names, probs, labels):
         print(
             row.format(name, r["v_rand"], r["v_rand_threshold"], r["v_info"], r["v_info_threshold"], r["pixel_error"])
         )
-    r = _best(np.mean(curves, axis=0), THRESHOLDS, np.mean(errors))  # same as evaluate_slices, curves reused
+    r = _best(mean_curve(curves), THRESHOLDS, np.mean(errors))  # same as evaluate_slices, curves reused
     print(row.format("mean", r["v_rand"], r["v_rand_threshold"], r["v_info"], r["v_info_threshold"], r["pixel_error"]))
     return r

@@ -92,7 +92,8 @@ def recompute_bn_stats(model, images, count, batch_size, device):
     The running averages training leaves behind follow the last few batches of augmented crops, which
     scores held-out slices far worse than whole-slice statistics do ("precise BN"; docs/quality.md).
     Slices are spread evenly over the training set and shared between ranks, and every rank ends with
-    the same statistics, so no rank's last batch decides what is saved.
+    the same statistics, so no rank's last batch decides what is saved. Slices may differ in size: each
+    batch's statistics are weighted by its pixel count.
     """
     rank, world_size = flow.env.get_rank(), flow.env.get_world_size()
     bns = [m for m in model.modules() if isinstance(m, flow.nn.BatchNorm2d)]
@@ -103,8 +104,7 @@ def recompute_bn_stats(model, images, count, batch_size, device):
     model.train()
     weight, sums = 0.0, np.zeros(2 * sum(b.num_features for b in bns))
     with flow.no_grad():
-        for start in range(0, len(mine), batch_size):
-            batch = np.stack([images[i] for i in mine[start : start + batch_size]])
+        for batch in same_size_batches([images[i] for i in mine], batch_size):
             model.forward(flow.tensor(batch, device=device))  # .forward: no DDP buffer broadcast
             stats = []
             for b in bns:
@@ -124,6 +124,18 @@ def recompute_bn_stats(model, images, count, batch_size, device):
         b.running_var.copy_(flow.tensor(np.maximum(square - mean**2, 0.0), dtype=flow.float32, device=device))
 
 
+def same_size_batches(arrays, batch_size):
+    """Consecutive arrays stacked in batches of up to `batch_size`, a new batch wherever the size changes."""
+    batch = []
+    for array in arrays:
+        if batch and (len(batch) == batch_size or array.shape != batch[0].shape):
+            yield np.stack(batch)
+            batch = []
+        batch.append(array)
+    if batch:
+        yield np.stack(batch)
+
+
 def evaluate(engine, val_set, criterion, device, epoch):
     """Validation loss, V_rand, V_info and pixel error over the whole held-out slices.
 
@@ -136,20 +148,23 @@ def evaluate(engine, val_set, criterion, device, epoch):
         # Each rank's last training forward updated its own BatchNorm statistics; score with rank 0's.
         for buffer in engine.model.buffers():
             flow.comm.broadcast(buffer, 0)
-    loss_sum, error_sum, curves = 0.0, 0.0, np.zeros((len(THRESHOLDS), 2))
+    loss_sum, error_sum, scored, curves = 0.0, 0.0, 0, np.zeros((len(THRESHOLDS), 2))
     with flow.no_grad():
         for i in range(rank, len(val_set), world_size):
             image, label = val_set.images[i], val_set.labels[i]
             logits = engine.infer(flow.tensor(image[None], device=device))
             loss_sum += criterion(logits, flow.tensor(label[None], device=device)).item()
             prob, label255 = flow.sigmoid(logits)[0, 0].numpy(), label[0] * 255
-            curves += score_curve(prob, label255)
+            curve = score_curve(prob, label255)
+            if np.all(np.isfinite(curve)):  # a label without cells has no score (metrics.mean_curve)
+                curves += curve
+                scored += 1
             error_sum += pixel_error(prob, label255)
-    totals = all_reduce_sum([loss_sum, error_sum, *curves.ravel()], device)
+    totals = all_reduce_sum([loss_sum, error_sum, scored, *curves.ravel()], device)
     n = len(val_set)
     if not math.isfinite(totals[0]):
         raise NonFiniteLoss(f"epoch {epoch}: validation loss is {totals[0] / n}")
-    curve = np.array(totals[2:]).reshape(-1, 2) / n
+    curve = np.array(totals[3:]).reshape(-1, 2) / totals[2] if totals[2] else np.full((len(THRESHOLDS), 2), np.nan)
     v_rand, v_info = float(curve[:, 0].max()), float(curve[:, 1].max())
     return dict(val_loss=totals[0] / n, v_rand=v_rand, v_info=v_info, pixel_error=totals[1] / n)
 
