@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -122,3 +123,8 @@ def predict_script(checkpoint, images, res, *flags, check=True):
     """`predict_unet_test.py --checkpoint CHECKPOINT --Test_Data_path IMAGES --save_res_path RES FLAGS...`."""
     args = ["--checkpoint", checkpoint, "--Test_Data_path", images, "--save_res_path", res]
     return run("predict_unet_test.py", *args, *flags, check=check)
+
+
+def snapshot(folder):
+    """Every file under folder with its bytes, to show that a refused run changed nothing."""
+    return {str(p): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}

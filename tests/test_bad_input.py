@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import assert_fails, predict_script, run, train_script
+from conftest import assert_fails, predict_script, run, snapshot, train_script
 from isbi_unet.errors import DataError
 
 
@@ -165,11 +165,6 @@ def test_predict_missing_test_folder(tmp_path):
         "predict_unet_test.py", "--Test_Data_path", tmp_path / "none", "--save_res_path", tmp_path / "res", check=False
     )
     assert_fails(proc, tmp_path / "none", "no such folder")
-
-
-def snapshot(folder):
-    """Every file under folder with its bytes, to show that a refused run changed nothing."""
-    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, assert_fails, run, train_script, write_dataset
+from conftest import REPO, TINY, assert_fails, run, snapshot, train_script, write_dataset
 
 
 def read_epochs(log):
@@ -68,10 +68,6 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     worst = max(float(np.abs(resumed[k] - straight[k]).max()) for k in resumed)
     print(f"largest weight difference, resumed vs uninterrupted: {worst}")
     assert worst == 0.0
-
-
-def snapshot(folder):
-    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
