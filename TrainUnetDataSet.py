@@ -35,7 +35,7 @@ from isbi_unet.device import select_device
 from isbi_unet.engine import EagerEngine, GraphEngine
 from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main
 from isbi_unet.figures import plot_losses, read_log
-from isbi_unet.images import split_names
+from isbi_unet.images import split_names, training_sources
 from isbi_unet.losses import LOSSES, SegmentationLoss
 from isbi_unet.record import write_json_record
 from isbi_unet.training import (
@@ -61,7 +61,13 @@ RECIPES = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--data_path", "--data-path", default="data/train", help="folder with image/ and label/ (same file names)")
+    add(
+        "--data_path",
+        "--data-path",
+        default="data/train",
+        help="folder with image/ and label/ (same file names), or with the challenge's train-volume.tif and "
+        "train-labels.tif stacks",
+    )
     add(
         "--recipe",
         choices=["auto", *RECIPES],
@@ -221,7 +227,7 @@ def build_dataloaders(args, device):
     """The training DataLoader (this rank's share, augmented) and the held-out slices (or None)."""
     rank, world_size = flow.env.get_rank(), flow.env.get_world_size()
     train_names, val_names = split_names(args.data_path, args.val_slices, args.val_start)
-    image_dir, label_dir = os.path.join(args.data_path, "image"), os.path.join(args.data_path, "label")
+    image_dir, label_dir = training_sources(args.data_path)
     # Each rank draws its own crops and flips; the sampler already gives it different slices.
     train_set = SelfDataSet(
         image_dir,

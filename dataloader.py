@@ -10,13 +10,13 @@ paper's border weight map for each sample. The logic is `isbi_unet.dataset.Slice
 """
 
 import argparse
-import os
 
 import numpy as np
 import oneflow as flow
 
 from isbi_unet.dataset import Slices
 from isbi_unet.errors import run_main
+from isbi_unet.images import training_sources
 
 
 class SelfDataSet(Slices, flow.utils.data.Dataset):
@@ -25,9 +25,14 @@ class SelfDataSet(Slices, flow.utils.data.Dataset):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_path", "--data-path", default="data/train", help="folder holding image/ and label/")
+    parser.add_argument(
+        "--data_path",
+        "--data-path",
+        default="data/train",
+        help="folder holding image/ and label/, or train-volume.tif and train-labels.tif",
+    )
     args = parser.parse_args()
-    ds = SelfDataSet(os.path.join(args.data_path, "image"), os.path.join(args.data_path, "label"))
+    ds = SelfDataSet(*training_sources(args.data_path))
     cell = np.mean([lab.mean() for lab in ds.labels])
     h, w = ds.images[0].shape[1:]
     print(f"{args.data_path}: {len(ds)} pairs, {w}x{h}, cell fraction {cell:.3f}")

@@ -15,8 +15,9 @@ import os
 import numpy as np
 
 from isbi_unet.errors import DataError, run_main
-from isbi_unet.images import list_images, natural_key, read_gray, read_label
+from isbi_unet.images import list_images, natural_key, read_gray, read_label, slice_names
 from isbi_unet.metrics import print_scores
+from isbi_unet.stacks import is_stack
 
 
 def parse_args(argv=None):
@@ -28,26 +29,38 @@ def parse_args(argv=None):
         required=True,
         help="cell probability x 255 PNGs (e.g. results/prob); several: score the mean of their maps",
     )
-    p.add_argument("--label_dir", "--label-dir", required=True, help="label PNGs with the same file names")
+    p.add_argument(
+        "--label_dir",
+        "--label-dir",
+        required=True,
+        help="labels with the same file names, or a label stack (page N scores N.png)",
+    )
     return p.parse_args(argv)
 
 
 def common_names(prob_dirs, label_dir):
-    """Names in the first prob_dir and label_dir; every other prob_dir must have them all."""
+    """Map names in the first prob_dir to their label's name (same file, or page N for N.png in a stack);
+    every other prob_dir must have them all."""
     first = prob_dirs[0]
-    names = sorted(set(list_images(first)) & set(list_images(label_dir)), key=natural_key)
+    probs = list_images(first)
+    labels = {label_key(n, label_dir): n for n in slice_names(label_dir)}
+    names = {n: labels[key] for n in probs for key in [label_key(n, label_dir)] if key in labels}
     if not names:
         raise DataError(f"{first}: no image file names in common with {label_dir}")
     for prob_dir in prob_dirs[1:]:  # an ensemble scores the same slices from every member
         missing = sorted(set(names) - set(list_images(prob_dir)), key=natural_key)
         if missing:
             raise DataError(f"{os.path.join(prob_dir, missing[0])}: missing, but {first} has it")
-    return names
+    return dict(sorted(names.items(), key=lambda item: natural_key(item[0])))
 
 
-def read_slice(prob_dirs, label_dir, name):
+def label_key(name, label_dir):
+    return os.path.splitext(name)[0] if is_stack(label_dir) else name
+
+
+def read_scored(prob_dirs, label_dir, name, label_name):
     """(mean cell probability in [0, 1], label) of one slice, checked as training checks labels."""
-    label = read_label(os.path.join(label_dir, name))
+    label = read_label(label_dir, label_name)
     maps = [read_gray(os.path.join(prob_dir, name)) for prob_dir in prob_dirs]
     for prob_dir, prob in zip(prob_dirs, maps):
         if prob.shape != label.shape:
@@ -58,8 +71,8 @@ def read_slice(prob_dirs, label_dir, name):
 def main(argv=None):
     args = parse_args(argv)
     names = common_names(args.prob_dir, args.label_dir)
-    probs, labels = zip(*(read_slice(args.prob_dir, args.label_dir, name) for name in names))
-    print_scores(names, probs, labels)
+    probs, labels = zip(*(read_scored(args.prob_dir, args.label_dir, n, label) for n, label in names.items()))
+    print_scores(list(names), probs, labels)
 
 
 if __name__ == "__main__":

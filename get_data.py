@@ -42,7 +42,7 @@ def check(root):
     """Raises DataError unless root holds decodable, paired slices with binary labels."""
     pairs = find_pairs(os.path.join(root, "train/image"), os.path.join(root, "train/label"))
     for image_name, label_name in pairs:
-        read_pair(os.path.join(root, "train/image", image_name), os.path.join(root, "train/label", label_name))
+        read_pair(os.path.join(root, "train/image"), os.path.join(root, "train/label"), image_name, label_name)
     tests = list_images(os.path.join(root, "test"))
     for name in tests:
         read_gray(os.path.join(root, "test", name))

@@ -1,6 +1,7 @@
-"""Predict membrane masks for a folder of EM slices with a trained checkpoint.
+"""Predict membrane masks for a folder of EM slices, or a TIFF stack, with a trained checkpoint.
 
     python3 predict_unet_test.py --checkpoint checkpoints/best --Test_Data_path data/test --save_res_path results
+    python3 predict_unet_test.py --Test_Data_path test-volume.tif --save_res_path results_stack   # the challenge's
     python3 predict_unet_test.py --tta                      # + average over the 8 flips/rotations (8x slower)
     python3 predict_unet_test.py --tile 256 --overlap 64    # overlap-tile inference, for any image size
     python3 predict_unet_test.py --Test_Data_path data/train/image --label_path data/train/label   # + scores
@@ -9,7 +10,9 @@
 For every input NAME.png it writes save_res_path/NAME.png, the binary mask in the label convention
 (255 = cell, 0 = membrane), and save_res_path/prob/NAME.png, the cell probability x 255 (uint8); when
 all slices share one size, also save_res_path/submission.tif, the ISBI 2012 submission stack (32-bit
-float cell probabilities, 0 = membrane). With --label_path it prints V_rand, V_info and pixel error
+float cell probabilities, 0 = membrane). A stack's slices are named by page (0.png, 1.png, ...), and
+its masks and probabilities also go to save_res_path/mask.tif and prob.tif (uint8, page order).
+With --label_path (a folder, or a stack) it prints V_rand, V_info and pixel error
 per slice and for the stack (metrics.py). The model is rebuilt from the checkpoint alone; given several
 checkpoints, their cell probabilities are averaged (an ensemble, e.g. of runs with different --seed).
 save_res_path/run.json records the checkpoint, the settings and the versions, device and code commit
@@ -28,9 +31,10 @@ from isbi_unet.checkpoint import load_model
 from isbi_unet.device import default_processes, select_device
 from isbi_unet.engine import InferenceGraphs
 from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main
-from isbi_unet.images import list_images, preprocess, read_gray, read_label, write_png
+from isbi_unet.images import preprocess, read_label, read_slice, slice_names, slice_path, write_png
 from isbi_unet.metrics import print_scores
 from isbi_unet.record import write_json_record
+from isbi_unet.stacks import is_stack, write_stack
 from isbi_unet.tiling import check_tiling, predict_tiled, write_isbi_tiff
 
 
@@ -42,7 +46,12 @@ def parse_args(argv=None):
         default=["checkpoints/best"],
         help="checkpoint directory written by TrainUnetDataSet.py; several: average their probabilities",
     )
-    p.add_argument("--Test_Data_path", "--test-data-path", default="data/test", help="folder of images to segment")
+    p.add_argument(
+        "--Test_Data_path",
+        "--test-data-path",
+        default="data/test",
+        help="folder of images, or a multi-page TIFF stack, to segment",
+    )
     p.add_argument(
         "--save_res_path",
         "--save-res-path",
@@ -93,13 +102,44 @@ def predict_probability(forward, image, tile=0, overlap=64, tta=False):
 
 
 def read_labels(label_path, names, images):
-    labels = []
-    for name, image in zip(names, images):
-        path = os.path.join(label_path, name)
-        if not os.path.exists(path):
-            raise DataError(f"{path}: no label for {name}")
-        labels.append(read_label(path, image.shape))
-    return labels
+    """The label of every input slice (same name, or same page), checked like training labels."""
+    present = set(slice_names(label_path))
+    for name in names:
+        if name not in present:
+            raise DataError(f"{slice_path(label_path, name)}: no label for {name}")
+    return [read_label(label_path, name, image.shape) for name, image in zip(names, images)]
+
+
+def read_inputs(args):
+    """(names, output file names, images, labels or None), every one checked before any work."""
+    names = slice_names(args.Test_Data_path)
+    out_names = output_names(args.Test_Data_path, names)
+    images = [read_slice(args.Test_Data_path, n) for n in names]
+    small = [n for n, im in zip(names, images) if min(im.shape) < 16]
+    if small:
+        raise DataError(
+            f"{slice_path(args.Test_Data_path, small[0])}: smaller than 16 pixels, too small for four poolings"
+        )
+    labels = read_labels(args.label_path, names, images) if args.label_path else None
+    return names, out_names, images, labels
+
+
+def write_stacks(args, probs):
+    """A stack in gives stacks out: the submission TIFF, and for a stack input also mask.tif and prob.tif."""
+    if len({p.shape for p in probs}) != 1:
+        return
+    write_isbi_tiff(os.path.join(args.save_res_path, "submission.tif"), probs)
+    if is_stack(args.Test_Data_path):
+        write_stack(os.path.join(args.save_res_path, "prob.tif"), [to_png_prob(p) for p in probs])
+        write_stack(os.path.join(args.save_res_path, "mask.tif"), [to_mask(p, args.threshold) for p in probs])
+
+
+def to_png_prob(prob):
+    return np.round(prob * 255).astype(np.uint8)
+
+
+def to_mask(prob, threshold):
+    return np.where(prob >= threshold, 255, 0).astype(np.uint8)
 
 
 _worker = {}
@@ -164,16 +204,8 @@ def main(argv=None):
     args = parse_args(argv)
     check_outputs(args)
     device = select_device(args.device)
-    names = list_images(args.Test_Data_path)
-    out_names = output_names(args.Test_Data_path, names)
-    images = [read_gray(os.path.join(args.Test_Data_path, n)) for n in names]  # all checked before any work
-    small = [n for n, im in zip(names, images) if min(im.shape) < 16]
-    if small:
-        raise DataError(
-            f"{os.path.join(args.Test_Data_path, small[0])}: smaller than 16 pixels, too small for four poolings"
-        )
+    names, out_names, images, labels = read_inputs(args)
     check_tiling(args.tile, args.overlap, 1)
-    labels = read_labels(args.label_path, names, images) if args.label_path else None
     if args.workers is None:
         args.workers = default_processes(device.type == "cuda", limit=len(images))
     check_flags(args, positive=("workers",))
@@ -185,11 +217,10 @@ def main(argv=None):
     probs = []
     for out_name, prob in zip(out_names, predict_all(args, images, device)):
         probs.append(prob)
-        write_png(os.path.join(prob_dir, out_name), np.round(prob * 255).astype(np.uint8))
-        write_png(os.path.join(args.save_res_path, out_name), np.where(prob >= args.threshold, 255, 0).astype(np.uint8))
+        write_png(os.path.join(prob_dir, out_name), to_png_prob(prob))
+        write_png(os.path.join(args.save_res_path, out_name), to_mask(prob, args.threshold))
     seconds = time.time() - t0
-    if len({p.shape for p in probs}) == 1:
-        write_isbi_tiff(os.path.join(args.save_res_path, "submission.tif"), probs)
+    write_stacks(args, probs)
     write_run_record(args, states, device)
     model = (
         f"UNet{states[0]['model_config']}, epoch {states[0].get('epoch')}"

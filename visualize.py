@@ -24,8 +24,9 @@ import numpy as np
 
 from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main
 from isbi_unet.figures import plt, save_figure  # figures selects matplotlib's headless backend
-from isbi_unet.images import check_same_size, list_images, read_gray, read_label, write_png
+from isbi_unet.images import check_same_size, read_gray, read_label, read_slice, slice_names, write_png
 from isbi_unet.metrics import pixel_error
+from isbi_unet.stacks import is_stack
 
 MEMBRANE_BGR = (255, 0, 255)  # magenta: stands out on grey, and for red-green colour blindness
 ALPHA = 0.45
@@ -81,13 +82,14 @@ def read_same_size(path, shape):
 
 def load_slice(args, name):
     """(image, probability, mask, label or None) as uint8 arrays for image file `name`."""
-    image = read_gray(os.path.join(args.image_path, name))
+    image = read_slice(args.image_path, name)
     out_name = os.path.splitext(name)[0] + ".png"
     prob = read_same_size(os.path.join(args.res_path, "prob", out_name), image.shape)
     mask = read_same_size(os.path.join(args.res_path, out_name), image.shape)
     label = None
     if args.label_path:
-        label = read_label(os.path.join(args.label_path, out_name), image.shape)
+        label_name = name if is_stack(args.label_path) else out_name  # a stack's pages, or the mask's file name
+        label = read_label(args.label_path, label_name, image.shape)
     return image, prob, mask, label
 
 
@@ -145,7 +147,7 @@ def main(argv=None):
     figure = args.figure or os.path.join(args.res_path, "figure.png")
     args.image_path = args.image_path or image_path_from_run(args.res_path)
     check_outputs(args, overlay_dir, figure)
-    names = list_images(args.image_path)[: args.n]
+    names = slice_names(args.image_path)[: args.n]
     slices = [(name, *load_slice(args, name)) for name in names]  # everything checked before writing
 
     make_output_dir(overlay_dir, "--overlay_dir")

@@ -4,18 +4,17 @@
 tools/torch_reference.py uses it as it is.
 """
 
-import os
-
 import numpy as np
 
 from isbi_unet.augment import border_weight_map, elastic_deform, intensity_jitter
 from isbi_unet.errors import DataError
-from isbi_unet.images import binarize_label, dihedral, find_pairs, read_pair, standardize, to_unit
+from isbi_unet.images import binarize_label, dihedral, find_pairs, read_pair, slice_path, standardize, to_unit
 
 
 class Slices:
     """Image/label pairs held in memory (ISBI is 30 slices of 512x512).
 
+    image_dir, label_dir: folders of images with the same names, or two stacks with as many pages.
     names:     which file names of `image_dir` to use (default: all pairs, in natural order).
     augment:   elastic deformation (if elastic_sigma > 0), random flip/rotation, intensity jitter.
     crop_size: random square crop of this side (None or 0: whole slice).
@@ -43,12 +42,10 @@ class Slices:
         self.augment, self.crop_size = augment, crop_size or None
         self.raw, self.images, self.labels = [], [], []  # raw: [0, 1], what augmentation starts from
         for image_name, label_name in pairs:
-            image_path, label_path = os.path.join(image_dir, image_name), os.path.join(label_dir, label_name)
-            image, label = read_pair(image_path, label_path)
+            image, label = read_pair(image_dir, label_dir, image_name, label_name)
             if self.crop_size and min(image.shape) < self.crop_size:
-                raise DataError(
-                    f"{image_path}: {image.shape[1]}x{image.shape[0]} is smaller than --crop_size {self.crop_size}"
-                )
+                where, (h, w) = slice_path(image_dir, image_name), image.shape
+                raise DataError(f"{where}: {w}x{h} is smaller than --crop_size {self.crop_size}")
             self.raw.append(to_unit(image))
             self.images.append(standardize(self.raw[-1]))
             self.labels.append(binarize_label(label))

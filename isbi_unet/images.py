@@ -1,7 +1,9 @@
 """Slices and labels on disk: listing, reading with checks, writing, standardising, splitting.
 
-ISBI 2012 labels are 255 = cell, 0 = membrane. Every reader checks what it reads and raises DataError
-with the path; colour and 16-bit files are converted with one warning line each.
+A source of slices is a folder of images or a multi-page TIFF stack (isbi_unet/stacks.py), whose
+slices are named by page index. ISBI 2012 labels are 255 = cell, 0 = membrane. Every reader checks
+what it reads and raises DataError with the path (and page); colour and 16-bit images are converted
+with one warning line each (one per stack).
 """
 
 import os
@@ -11,6 +13,7 @@ import cv2
 import numpy as np
 
 from isbi_unet.errors import DataError, warn
+from isbi_unet.stacks import STACK_EXTS, count_pages, is_stack, read_pages
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 CHANNELS = {2: "gray+alpha", 3: "RGB", 4: "RGBA"}
@@ -35,9 +38,19 @@ def read_gray(path):
     one warning line, as a silently converted file is how a wrong dataset goes unnoticed."""
     if not os.path.isfile(path):  # checked here, as OpenCV would add a warning line of its own
         raise DataError(f"{path}: no such file")
+    if path.lower().endswith(STACK_EXTS) and count_pages(path) > 1:  # never read as its first page alone
+        raise DataError(
+            f"{path}: a stack of {count_pages(path)} pages inside a folder of images; pass the stack itself "
+            "(--Test_Data_path STACK.tif, or train-volume.tif and train-labels.tif in --data_path)"
+        )
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
+    return to_gray(img, path)
+
+
+def to_gray(img, path, warned=None):
+    """`img` as uint8 HxW; a conversion is said in one warning, or once per `warned` set (a stack's pages)."""
     if img.dtype not in (np.uint8, np.uint16):
         raise DataError(f"{path}: unsupported pixel type {img.dtype}; expected 8- or 16-bit grayscale")
     kind = CHANNELS.get(img.shape[2], f"{img.shape[2]}-channel") if img.ndim == 3 else None
@@ -52,11 +65,15 @@ def read_gray(path):
     if deep:
         img, bits = to_8_bit(img)
     if kind and deep:
-        warn(f"{path}: 16-bit {kind} image converted to 8-bit grayscale{used_bits(bits)}")
+        message = f"16-bit {kind} image converted to 8-bit grayscale{used_bits(bits)}"
     elif kind:
-        warn(f"{path}: {kind} image converted to grayscale")
+        message = f"{kind} image converted to grayscale"
     elif deep:
-        warn(f"{path}: 16-bit image scaled to 8-bit{used_bits(bits)}")
+        message = f"16-bit image scaled to 8-bit{used_bits(bits)}"
+    if (kind or deep) and (warned is None or message not in warned):
+        warn(f"{path}: {message}")
+        if warned is not None:
+            warned.add(message)
     return img
 
 
@@ -72,6 +89,28 @@ def to_8_bit(img):
 
 def used_bits(bits):
     return "" if bits == 16 else f" (its values use {bits} bits; those are what was kept)"
+
+
+_warned = {}  # per stack: the conversions already said
+
+
+def slice_names(source):
+    """Names of the slices at `source`: a folder's image files, or a stack's page indices ("0", "1", ...)."""
+    if is_stack(source):
+        return [str(i) for i in range(len(read_pages(source)))]
+    return list_images(source)
+
+
+def slice_path(source, name):
+    """How messages name a slice: the file, or the stack and page."""
+    return f"{source} page {name}" if is_stack(source) else os.path.join(source, name)
+
+
+def read_slice(source, name):
+    """Slice `name` of `source` as uint8 HxW (converted as read_gray does; said once per stack)."""
+    if not is_stack(source):
+        return read_gray(os.path.join(source, name))
+    return to_gray(read_pages(source)[int(name)], source, _warned.setdefault(os.path.abspath(source), set()))
 
 
 def write_png(path, array):
@@ -126,13 +165,15 @@ def check_same_size(array, path, image_shape):
     return array
 
 
-def read_label(label_path, image_shape=None):
-    """A label as a uint8 0/255 array, checked: binary, and the size of its image's (H, W) when given.
+def read_label(source, name=None, image_shape=None):
+    """Label `name` of `source` (or the file `source`) as a uint8 0/255 array, checked: binary, and the
+    size of its image's (H, W) when given.
 
     0/1 labels (a common way to save masks) are read as 0/255. A label that is mostly membrane gets a
     warning: ISBI's are about three quarters cell, so 255 = membrane (inverted) is the likely mistake.
     """
-    label = read_gray(label_path)
+    label = read_gray(source) if name is None else read_slice(source, name)
+    label_path = source if name is None else slice_path(source, name)
     if image_shape is not None:
         check_same_size(label, label_path, image_shape)
     if label.max() == 1:
@@ -144,15 +185,31 @@ def read_label(label_path, image_shape=None):
     return label
 
 
-def read_pair(image_path, label_path):
+def read_pair(image_source, label_source, image_name, label_name):
     """A training image and its label as uint8 arrays, checked: same size, binary label."""
-    image = read_gray(image_path)
-    return image, read_label(label_path, image.shape)
+    image = read_slice(image_source, image_name)
+    return image, read_label(label_source, label_name, image.shape)
+
+
+def training_sources(data_path):
+    """(images, labels) of --data_path: its image/ and label/ folders, or the challenge's two stacks."""
+    image_dir, label_dir = os.path.join(data_path, "image"), os.path.join(data_path, "label")
+    volume, labels = os.path.join(data_path, "train-volume.tif"), os.path.join(data_path, "train-labels.tif")
+    if os.path.isdir(image_dir) or os.path.isdir(label_dir):
+        return image_dir, label_dir
+    if os.path.isfile(volume) or os.path.isfile(labels):
+        for path in (volume, labels):
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: no such file (a stack needs train-volume.tif and train-labels.tif)")
+        return volume, labels
+    raise DataError(f"{image_dir}: no such folder (nor train-volume.tif and train-labels.tif in {data_path})")
 
 
 def find_pairs(image_dir, label_dir):
-    """File names present in both folders; any unpaired file is an error."""
-    images, labels = list_images(image_dir), list_images(label_dir)
+    """Slice names present in both sources (folders or stacks); any unpaired slice is an error."""
+    images, labels = slice_names(image_dir), slice_names(label_dir)
+    if is_stack(image_dir) and is_stack(label_dir) and len(images) != len(labels):
+        raise DataError(f"{label_dir}: {len(labels)} pages, but {image_dir} has {len(images)}")
 
     def stem(name):
         return os.path.splitext(name)[0]
@@ -187,8 +244,8 @@ def held_out_block(names, count, start, where):
 
 
 def split_names(data_path, val_slices, val_start=-1):
-    """Train and validation file names of `data_path` (image/ and label/); validation is one block."""
-    names = [image for image, _ in find_pairs(os.path.join(data_path, "image"), os.path.join(data_path, "label"))]
+    """Train and validation slice names of `data_path` (training_sources); validation is one block."""
+    names = [image for image, _ in find_pairs(*training_sources(data_path))]
     return held_out_block(names, val_slices, val_start, data_path)
 
 

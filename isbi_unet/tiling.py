@@ -7,14 +7,11 @@
 caller wraps model + sigmoid), so this module needs no model and no framework.
 """
 
-import os
-import tempfile
-
-import cv2
 import numpy as np
 
 from isbi_unet.errors import DataError
 from isbi_unet.images import dihedral, inverse_dihedral
+from isbi_unet.stacks import write_stack
 
 POOL = 16  # four 2x2 poolings: tile sides and tile offsets are multiples of this
 
@@ -140,15 +137,4 @@ def write_isbi_tiff(path, probs):
     for i, p in enumerate(pages):
         if not np.all((p >= -1e-6) & (p <= 1 + 1e-6)):  # also catches NaN
             raise DataError(f"{path}: slice {i} is not a probability map in [0, 1] (min {p.min()}, max {p.max()})")
-    pages = [np.clip(p, 0.0, 1.0) for p in pages]  # blending round-off only
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tif", dir=folder)  # OpenCV picks the format by suffix
-    os.close(fd)
-    try:
-        if not cv2.imwritemulti(tmp, pages):
-            raise DataError(f"{path}: could not be written")
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the result from other users
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_stack(path, [np.clip(p, 0.0, 1.0) for p in pages])  # clip: blending round-off only
