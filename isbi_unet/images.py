@@ -25,6 +25,8 @@ def natural_key(name):
 
 
 def list_images(folder):
+    if os.path.isfile(folder):
+        raise DataError(f"{folder}: a file, not a folder of images (of single files, only a .tif stack is read)")
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: no such folder")
     names = sorted((n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS)), key=natural_key)
