@@ -210,7 +210,8 @@ def resolve_checkpoint_dir(args):
     continuing = args.resume is not None and os.path.realpath(os.path.dirname(args.resume) or ".") == folder
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
     args.replace_run = bool(found) and not continuing
-    if args.replace_run and not args.overwrite:
+    # Only rank 0 decides: it writes the folder, and another rank looking later could see this run's own files.
+    if args.replace_run and not args.overwrite and flow.env.get_rank() == 0:
         raise DataError(
             f"{args.checkpoint_dir}: --checkpoint_dir holds another run ({', '.join(found)}); continue it with "
             f"--resume {os.path.join(args.checkpoint_dir, 'last')}, write elsewhere, or replace it with --overwrite"
