@@ -33,9 +33,18 @@ from dataloader import SelfDataSet
 from isbi_unet.checkpoint import load_checkpoint, save_checkpoint
 from isbi_unet.device import select_device
 from isbi_unet.engine import EagerEngine, GraphEngine
-from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main
+from isbi_unet.errors import (
+    DataError,
+    WriteError,
+    check_apart,
+    check_flags,
+    check_output_dir,
+    make_output_dir,
+    run_main,
+)
 from isbi_unet.figures import plot_losses, read_log
 from isbi_unet.images import split_names, training_sources
+from isbi_unet.interrupt import StopSignals
 from isbi_unet.losses import LOSSES, SegmentationLoss
 from isbi_unet.record import write_json_record
 from isbi_unet.training import (
@@ -384,6 +393,12 @@ def main(argv=None):
     """Trains and returns the model (every rank returns its replica)."""
     args = parse_args(argv)
     device = select_device(args.device, flow.env.get_local_rank())
+    with StopSignals(device) as stop:  # Ctrl-C and SIGTERM now stop between steps (isbi_unet/interrupt.py)
+        return train(args, device, stop)
+
+
+def train(args, device, stop):
+    """main() once the signals are ours; a failed write or a NaN stops naming what is left to resume from."""
     args = resolve_args(args, device.type == "cuda", flow.env.get_world_size())
     master_process = flow.env.get_rank() == 0
     seed_all(args.seed)
@@ -394,24 +409,35 @@ def main(argv=None):
     checkpoint = load_weights(args, model, device)  # before DDP broadcasts rank 0's weights
     engine = build_engine(args, model, criterion, len(loader))
     run = start_run(args, engine, checkpoint, len(loader), master_process)
-    if master_process:
-        prepare_checkpoint_dir(args, run, loader, val_set, device)
-
+    stop.position, stop.resume_from = (run.start_epoch, 0), run.last_saved
     try:
+        if master_process:
+            prepare_checkpoint_dir(args, run, loader, val_set, device)
         for epoch in range(run.start_epoch, args.epochs + 1):
+            stop.check()  # a signal during start-up, or during the previous epoch's validation or save
             t0 = time.time()
-            train_loss = train_one_epoch(engine, loader, epoch, args.epochs, args.seed, device)
+            train_loss = train_one_epoch(engine, loader, epoch, args.epochs, args.seed, device, stop)
             if args.bn_slices:
                 recompute_bn_stats(model, loader.dataset.images, args.bn_slices, args.batch_size, device)
             scores = evaluate(engine, val_set, criterion, device, epoch) if val_set else {}
             if master_process:
-                save_epoch(args, engine, run, epoch, train_loss, scores, time.time() - t0, len(loader))
+                with stop.protected():  # a second Ctrl-C waits for the checkpoints to be written
+                    save_epoch(args, engine, run, epoch, train_loss, scores, time.time() - t0, len(loader))
+                    stop.resume_from = run.last_saved
     except NonFiniteLoss as e:
-        saved = f"last good checkpoint is {run.last_saved}" if run.last_saved else "no checkpoint was saved"
-        raise DataError(f"{e}; stopped, {saved}") from None
+        raise DataError(f"{e}; stopped, {saved_note(run)}") from None
+    except WriteError as e:
+        raise WriteError(f"{e}; {saved_note(run)}") from None
     if master_process:
         print(f"done: best checkpoint {os.path.join(args.checkpoint_dir, 'best')} ({best_reason(args, run)})")
     return model
+
+
+def saved_note(run):
+    """The last checkpoint a stopped run can continue from (a failed save keeps the previous one in place)."""
+    if run.last_saved and os.path.exists(run.last_saved):
+        return f"last good checkpoint is {run.last_saved}"
+    return "no checkpoint was saved"
 
 
 if __name__ == "__main__":

@@ -3,20 +3,21 @@
 #
 #   bash train.sh                          # recipe by device: full on a GPU, the 2-core CPU recipe otherwise
 #   bash train.sh --epochs 5 --width 8     # any TrainUnetDataSet.py flag overrides the recipe
-#   NPROC=8 bash train.sh                  # data-parallel: python3 -m oneflow.distributed.launch --nproc_per_node 8
+#   NPROC=8 bash train.sh                  # data-parallel: python3 -m isbi_unet.launch --nproc_per_node 8
 #   NPROC=1 bash train.sh --graph          # one process through nn.Graph
 #
 # NPROC defaults to 1 with a CUDA device and otherwise to the number of CPU cores (at most 4): OneFlow's
 # eager CPU kernels keep about one core busy, so a process per core is how a CPU trains at full speed
-# (the rule is isbi_unet/device.py's, shared with predict_unet_test.py --workers).
+# (the rule is isbi_unet/device.py's, shared with predict_unet_test.py --workers). isbi_unet.launch is OneFlow's
+# launcher, except that Ctrl-C stops every rank cleanly at one step and it exits with the ranks' code.
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup.sh
 python3 get_data.py
 NPROC="${NPROC:-$(python3 -m isbi_unet.device 2>/dev/null)}"  # 1 on a GPU, else one per core (at most 4)
 if [ "$NPROC" -gt 1 ]; then
-    echo "train.sh: $NPROC processes through oneflow.distributed.launch"
-    python3 -m oneflow.distributed.launch --nproc_per_node "$NPROC" TrainUnetDataSet.py "$@"
+    echo "train.sh: $NPROC processes through isbi_unet.launch (OneFlow's launcher)"
+    python3 -m isbi_unet.launch --nproc_per_node "$NPROC" TrainUnetDataSet.py "$@"
 else
     python3 TrainUnetDataSet.py "$@"
 fi

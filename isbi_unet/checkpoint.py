@@ -4,6 +4,7 @@ A checkpoint rebuilds its own model (`load_model`), so prediction needs only the
 `.NAME.tmp` first; then the previous checkpoint moves to `.NAME.old` and the new one into place, and
 `.NAME.old` is removed. A run killed at any moment therefore leaves a loadable checkpoint: NAME itself,
 or, when killed between the two renames, `.NAME.old`, which `load_checkpoint(NAME)` falls back to.
+A save that fails (disk full) removes `.NAME.tmp`, keeps the previous checkpoint and raises a WriteError.
 """
 
 import os
@@ -11,7 +12,7 @@ import shutil
 
 import oneflow as flow
 
-from isbi_unet.errors import DataError
+from isbi_unet.errors import DataError, cannot_write
 from unet import UNet
 
 FORMAT = "isbi-unet-oneflow/2"  # /1 models saw unstandardised input and cannot be used
@@ -39,10 +40,16 @@ def save_checkpoint(path, model, **extra):
     shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
     if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)  # left by a run killed after its swap
-    flow.save(state, tmp)
-    if os.path.exists(path):
-        os.rename(path, old)
-    os.rename(tmp, path)
+    try:
+        flow.save(state, tmp)
+        if os.path.exists(path):
+            os.rename(path, old)
+        os.rename(tmp, path)
+    except OSError as e:  # disk full, say: the previous checkpoint stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(path) and os.path.exists(old):
+            os.rename(old, path)
+        raise cannot_write(path, e) from None
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -1,6 +1,13 @@
-"""Bad input, reported the same way by every script: one `error: PATH: problem` line and exit code 2."""
+"""Bad input, reported the same way by every script: one `error: PATH: problem` line and exit code 2.
 
+Under the launcher only rank 0 prints (every rank reads the same input and fails the same way); the other
+ranks exit with the same code silently. An interrupted run (`Interrupted`) exits 130, as a shell reports
+Ctrl-C.
+"""
+
+import contextlib
 import os
+import signal
 import sys
 import tempfile
 
@@ -9,13 +16,41 @@ class DataError(ValueError):
     """Bad input data, flags or checkpoints; the message names the path and what is wrong."""
 
 
+class WriteError(DataError):
+    """An output file could not be written (disk full, no permission); the message names it and the reason."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the run; the message says where and how to continue."""
+
+
+def rank():
+    """This process's rank under the launcher (from its environment), 0 otherwise."""
+    return max(0, int(os.environ.get("RANK") or 0))  # `import oneflow` sets RANK=-1 outside the launcher
+
+
 def run_main(main):
-    """Calls main(); a DataError becomes one line on stderr and exit code 2, with no traceback."""
+    """Calls main(); a DataError becomes one line on stderr and exit code 2, Interrupted exit code 130,
+    with no traceback. Only rank 0 prints."""
     try:
         main()
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"error: {e}", 2)
+    except Interrupted as e:
+        fail(f"error: {e}", 130)
+
+
+def fail(message, code):
+    """`message` on stderr (rank 0 only), then exit `code`."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)  # already stopping: a late Ctrl-C must not end in a traceback
+    if rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        sys.stdout.flush()
+        # OneFlow's exit waits at a barrier for every rank (measured: forever when one rank fails alone).
+        os._exit(code)
+    sys.exit(code)
 
 
 def check_flags(args, positive=(), non_negative=()):
@@ -32,7 +67,7 @@ def check_flags(args, positive=(), non_negative=()):
 
 def warn(message):
     """One `warning: ...` line on stderr; silent on ranks other than 0, which read the same files."""
-    if int(os.environ.get("RANK") or 0) > 0:
+    if rank() > 0:
         return
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
@@ -84,3 +119,27 @@ def check_apart(output, flag, inputs):
         else:
             continue
         raise DataError(f"{output}: {flag} {relation} {input_flag} {path}; write outputs to a folder apart from inputs")
+
+
+def cannot_write(path, error, what=""):
+    """The WriteError for an OSError while writing `path`: `PATH: cannot write [WHAT ](REASON)`."""
+    return WriteError(f"{path}: cannot write {what + ' ' if what else ''}({error.strerror or error})")
+
+
+@contextlib.contextmanager
+def atomic_write(path, what=""):
+    """`with atomic_write(path) as tmp:` write `tmp`; it then replaces `path` in one rename.
+
+    A failure (disk full, say) or a kill leaves `path` as it was; the temporary `.NAME.tmp` beside it
+    is removed, and an OSError becomes a WriteError naming `path`.
+    """
+    parent, name = os.path.split(path)
+    tmp = os.path.join(parent, f".{name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        raise cannot_write(path, e, what) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)

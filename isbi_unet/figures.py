@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402  (comes with matplotlib)
 
-from isbi_unet.errors import DataError  # noqa: E402
+from isbi_unet.errors import DataError, atomic_write  # noqa: E402
 
 LOSSES = {"train_loss": "train loss", "val_loss": "validation loss"}
 METRICS = {"v_rand": "V_rand", "v_info": "V_info", "pixel_error": "pixel error"}
@@ -76,19 +76,18 @@ def plot_losses(columns, out):
 
 
 def save_figure(fig, out, what, palette=False):
-    """Writes `fig` to PNG `out` and closes it; a failed write is a DataError naming `out`.
+    """Writes `fig` to PNG `out` and closes it; a failed write is a WriteError naming `out`.
 
     palette: quantise to 256 colours, for figures of grey panels with one tint, which a noisy EM slice
     otherwise keeps from compressing.
     """
     try:
-        if palette:
-            buffer = io.BytesIO()
-            fig.savefig(buffer, format="png")
-            Image.open(buffer).convert("RGB").quantize(256).save(out, format="png", optimize=True)
-        else:
-            fig.savefig(out)
-    except OSError as e:
-        raise DataError(f"{out}: cannot write {what} ({e.strerror})") from None
+        with atomic_write(out, what) as tmp:  # a full disk must not leave half a PNG in place of the old one
+            if palette:
+                buffer = io.BytesIO()
+                fig.savefig(buffer, format="png")
+                Image.open(buffer).convert("RGB").quantize(256).save(tmp, format="png", optimize=True)
+            else:
+                fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)

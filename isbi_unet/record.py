@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 
+from isbi_unet.errors import atomic_write
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -90,5 +92,6 @@ def run_record(device=None, repo=REPO):
 
 def write_json_record(path, fields, device=None):
     """Writes `fields` together with run_record(device) to the JSON file `path`."""
-    with open(path, "w") as f:
-        json.dump({**fields, **run_record(device)}, f, indent=2)
+    record = {**fields, **run_record(device)}
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        json.dump(record, f, indent=2)

@@ -4,6 +4,7 @@ Every function works the same on one process and under the launcher: ranks share
 their results, so every rank ends with the same numbers.
 """
 
+import contextlib
 import csv
 import math
 import os
@@ -14,6 +15,7 @@ import numpy as np
 import oneflow as flow
 from tqdm import tqdm
 
+from isbi_unet.errors import atomic_write, cannot_write
 from isbi_unet.images import evenly_spaced
 from isbi_unet.metrics import THRESHOLDS, pixel_error, score_curve
 
@@ -64,8 +66,11 @@ def epoch_bar(epoch, epochs, images, enabled=True, world_size=1):
     )
 
 
-def train_one_epoch(engine, loader, epoch, epochs, seed, device):
-    """One pass over this rank's share of the slices; returns the mean loss over all ranks."""
+def train_one_epoch(engine, loader, epoch, epochs, seed, device, stop=None):
+    """One pass over this rank's share of the slices; returns the mean loss over all ranks.
+
+    stop: an interrupt.StopSignals, checked after every step (every rank stops at the same step).
+    """
     rank, world_size = flow.env.get_rank(), flow.env.get_world_size()
     loader.sampler.set_epoch(epoch)
     loader.dataset.set_epoch(epoch)
@@ -82,6 +87,8 @@ def train_one_epoch(engine, loader, epoch, epochs, seed, device):
             count += batch[0].shape[0]
             progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             progress.update(batch[0].shape[0])
+            if stop is not None:
+                stop.check(epoch, step)
     loss_sum, count = all_reduce_sum([loss_sum, count], device)
     return loss_sum / count
 
@@ -177,12 +184,18 @@ def lr_at(lr, schedule, step, total_steps):
 
 
 def append_log(path, row):
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    """Appends `row` (and the header to a new log); a failed write (disk full) leaves the log as it was."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if not size:
+                writer.writeheader()
+            writer.writerow(row)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)  # no half row for a resumed run to read
+        raise cannot_write(path, e) from None
 
 
 def truncate_log(path, last_epoch):
@@ -191,12 +204,10 @@ def truncate_log(path, last_epoch):
         return
     with open(path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= last_epoch]
-    tmp = path + ".tmp"  # replaced in one rename: a kill here must not lose the log
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    for row in rows:
-        append_log(tmp, row)
-    if rows:
-        os.replace(tmp, path)
-    else:
+    if not rows:
         os.remove(path)
+        return
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:  # one rename: a kill must not lose the log
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

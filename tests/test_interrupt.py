@@ -1,0 +1,182 @@
+"""Nothing a user can cause ends in a traceback: Ctrl-C stops training at a step boundary (one process and
+under isbi_unet.launch), a second Ctrl-C stops it at once, a bad flag under the launcher is one line, and a
+full disk while saving keeps the previous checkpoints."""
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from test_dead_rank import alive, children, wait_until
+from test_resume import read_epochs, start_training, wait_for_epoch_line, weights
+
+from conftest import REPO, TINY, assert_fails, free_port, run, write_dataset
+
+INTERRUPTED = r"error: interrupted at epoch (\d+) step (\d+); continue with --resume (\S+)"
+
+
+def stderr_lines(stderr):
+    return [line for line in stderr.splitlines() if "libibverbs not available" not in line]
+
+
+def assert_interrupted(proc, stderr, ckpt, steps_per_epoch):
+    """Exit 130, the one line naming `last`, no hidden leftovers, and `last` loads at an epoch that fits it."""
+    assert proc.returncode == 130, stderr
+    lines = stderr_lines(stderr)
+    assert len(lines) == 1, stderr
+    epoch, step, resume = re.fullmatch(INTERRUPTED, lines[0]).groups()
+    assert resume == str(ckpt / "last") and 1 <= int(step) <= steps_per_epoch
+    assert not [name for name in os.listdir(ckpt) if name.startswith(".")]  # no .last.tmp or .last.old
+    saved = weights(ckpt / "last")[0]
+    assert saved == (int(epoch) if int(step) == steps_per_epoch else int(epoch) - 1) and saved >= 1
+    return saved
+
+
+def test_ctrl_c_stops_between_steps_and_resume_finishes(tmp_path):
+    # 38 training slices in batches of 2: epochs of 19 steps.
+    data = write_dataset(str(tmp_path / "data"), n_train=40, n_test=1)
+    ckpt = tmp_path / "ckpt"
+    flags = ["--data_path", f"{data}/train", "--epochs", 5, "--checkpoint_dir", ckpt, *TINY]
+    proc = start_training(*flags)
+    time.sleep(wait_for_epoch_line(proc, 1) / 4)  # into epoch 2's steps
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    saved = assert_interrupted(proc, stderr, ckpt, 19)
+    assert saved < 5  # it stopped early, not at the end
+
+    out = run("TrainUnetDataSet.py", *flags, "--resume", ckpt / "last").stdout
+    assert re.findall(r"epoch +(\d+)/5", out) == [str(e) for e in range(saved + 1, 6)]
+    assert read_epochs(ckpt / "log.csv") == list(range(1, 6))
+
+
+@pytest.mark.parametrize("target", ["launcher", "rank 1"])
+def test_ctrl_c_under_the_launcher_stops_every_rank(tmp_path, target):
+    """SIGINT to the launcher is forwarded to the ranks; SIGINT to rank 1 alone stops rank 0 too (all_reduce)."""
+    data = write_dataset(str(tmp_path / "data"), n_train=40, n_test=1)
+    ckpt = tmp_path / "ckpt"
+    launch = ["-m", "isbi_unet.launch", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    flags = ["--data_path", f"{data}/train", "--epochs", "50", "--checkpoint_dir", str(ckpt), *TINY]
+    cmd = [sys.executable, *launch, "TrainUnetDataSet.py", *flags]
+    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ranks = children(launcher.pid)
+    try:
+        wait_for_epoch_line(launcher, 1)
+        ranks = children(launcher.pid)
+        assert len(ranks) == 2
+        os.kill(launcher.pid if target == "launcher" else ranks[1], signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=60)
+        assert "Traceback" not in stderr
+        # 38 slices over 2 ranks in batches of 2: 10 steps per epoch.
+        assert_interrupted(launcher, stderr, ckpt, 10)
+        wait_until(lambda: not any(alive(pid) for pid in ranks), 10, "both ranks to exit")
+    finally:
+        for pid in [launcher.pid, *ranks]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_bad_flag_under_the_launcher_is_one_line_and_exit_2(data, tmp_path):
+    launch = ["-m", "isbi_unet.launch", "--nproc_per_node", 2, "--master_port", free_port()]
+    flags = ["--data_path", f"{data}/train", "--checkpoint_dir", tmp_path / "ckpt", *TINY, "--epochs", 0]
+    proc = run(*launch, "TrainUnetDataSet.py", *flags, check=False, timeout=120)
+    assert_fails(proc, "--epochs must be positive, got 0")
+
+
+def stop_signals_script(body):
+    """A process holding StopSignals at epoch 3 step 7 (no OneFlow needed), running BODY."""
+    script = """
+        import time
+        from isbi_unet.interrupt import StopSignals
+        with StopSignals(position=(3, 7)) as stop:
+            print("ready", flush=True)
+    """
+    script = textwrap.dedent(script) + textwrap.indent(textwrap.dedent(body), " " * 4)
+    return subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("saving", [False, True])
+def test_a_second_signal_stops_at_once_but_lets_a_save_finish(saving):
+    # The main thread is busy (as inside a long OneFlow step) and never reaches a check.
+    body = "with stop.protected():\n    time.sleep(1.5)\n    print('saved', flush=True)\n" if saving else ""
+    proc = stop_signals_script(body + "time.sleep(60)\n")
+    assert proc.stdout.readline() == b"ready\n"
+    start = time.time()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    elapsed = time.time() - start
+    assert proc.returncode == 130 and elapsed < 10 and (elapsed > 1.2) == saving
+    assert err.decode().strip() == "error: interrupted at epoch 3 step 7 (stopped at once); no checkpoint was saved yet"
+    assert (b"saved" in out) == saving
+
+
+def test_one_signal_is_a_request_that_check_raises():
+    from isbi_unet.errors import Interrupted
+    from isbi_unet.interrupt import StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals(position=(2, 4)) as stop:
+        stop.resume_from = "ckpt/last"
+        stop.check()  # nothing yet
+        os.kill(os.getpid(), signal.SIGINT)
+        wait_until(lambda: stop.count == 1, 5, "the watcher to count the signal")
+        with pytest.raises(Interrupted, match=r"^interrupted at epoch 2 step 5; continue with --resume ckpt/last$"):
+            stop.check(2, 5)
+    assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """In-process (any machine): flow.save writes part of the checkpoint, then the disk is full."""
+    import oneflow as flow
+
+    import isbi_unet.checkpoint as checkpoint
+    from isbi_unet.errors import WriteError
+    from unet import UNet
+
+    model, last = UNet(width=4), str(tmp_path / "last")
+    checkpoint.save_checkpoint(last, model, epoch=1)
+
+    def full_disk(state, path):
+        os.makedirs(path)
+        open(os.path.join(path, "pickled_data"), "wb").close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(flow, "save", full_disk)
+    with pytest.raises(WriteError, match=r"last: cannot write \(No space left on device\)$"):
+        checkpoint.save_checkpoint(last, model, epoch=2)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["last"]
+    assert checkpoint.load_checkpoint(last)["epoch"] == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MB tmpfs at tmp_path/disk (root and a sandbox that allows mounts), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", disk], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here; test_a_failed_save_keeps_the_previous_checkpoint simulates it")
+    yield disk
+    subprocess.run(["umount", disk], check=True)
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_epoch(small_disk, tmp_path):
+    data = write_dataset(str(tmp_path / "data"), n_train=8, n_test=1)
+    ckpt = small_disk / "ckpt"
+    flags = ["--data_path", f"{data}/train", "--checkpoint_dir", ckpt, *TINY]
+    run("TrainUnetDataSet.py", *flags, "--epochs", 1)
+    used = os.statvfs(small_disk).f_blocks - os.statvfs(small_disk).f_bfree
+    # Room for what epoch 1 wrote plus a third of a checkpoint: epoch 2's first new checkpoint cannot fit.
+    room = used * os.statvfs(small_disk).f_frsize // 1024 + 800
+    subprocess.run(["mount", "-o", f"remount,size={room}k", small_disk], check=True)
+    proc = run("TrainUnetDataSet.py", *flags, "--epochs", 3, "--resume", ckpt / "last", check=False)
+    assert_fails(proc, "cannot write (No space left on device); last good checkpoint is " + str(ckpt / "last"))
+    assert re.match(rf"error: {ckpt}/(best|last): ", stderr_lines(proc.stderr)[0])
+    assert sorted(os.listdir(ckpt)) == ["best", "config.json", "last", "log.csv", "loss.png"]  # no .NAME.tmp
+    assert weights(ckpt / "last")[0] == 1 and weights(ckpt / "best")[0] == 1
