@@ -11,7 +11,6 @@ import pytest
 from conftest import TINY, assert_fails, predict_script, run, snapshot, train_script, write_dataset
 from isbi_unet.errors import DataError
 
-
 FINITE_BEST = re.compile(r"\(validation V_rand [01]\.\d{4}\)$")
 
 
