@@ -407,10 +407,8 @@ def main(argv=None):
     if master_process:
         prepare_checkpoint_dir(args, run, loader, val_set, device)
 
-    # NOT ARMED YET: with the watchdog's thread running, 2 processes on one node hung in their first step
-    # (tests/test_ddp.py, 2 of 2 runs; 2 nodes x 1 process did not). Until that is understood:
-    # if flow.env.get_world_size() > 1:
-    #     watchdog.arm(args.step_timeout, os.path.join(args.checkpoint_dir, "last"))
+    if flow.env.get_world_size() > 1:  # a frozen peer would block the collectives forever
+        watchdog.arm(args.step_timeout, os.path.join(args.checkpoint_dir, "last"))
     try:
         for epoch in range(run.start_epoch, args.epochs + 1):
             t0 = time.time()
