@@ -22,14 +22,15 @@ import shutil
 import time
 from types import SimpleNamespace
 
-from isbi_unet.lifeline import tie_to_launcher
+from isbi_unet.lifeline import JOIN_TIMEOUT, tie_to_launcher
 
-tie_to_launcher()  # before oneflow's import, which under the launcher waits for every rank to join
+tie_to_launcher()  # before oneflow's import, which under the launcher waits for every rank (--join_timeout)
 
 import numpy as np
 import oneflow as flow
 
 from dataloader import SelfDataSet
+from isbi_unet import watchdog
 from isbi_unet.checkpoint import load_checkpoint, save_checkpoint
 from isbi_unet.device import select_device
 from isbi_unet.engine import EagerEngine, GraphEngine
@@ -173,6 +174,22 @@ def parse_args(argv=None):
         default=0,
         help="DataLoader worker processes (data is in memory; 0 is usually fastest)",
     )
+    add(
+        "--join_timeout",
+        "--join-timeout",
+        type=float,
+        default=JOIN_TIMEOUT,
+        help="under the launcher: seconds for every process of every node to join before each exits 2 saying "
+        "how many did (read before OneFlow starts, by isbi_unet/lifeline.py)",
+    )
+    add(
+        "--step_timeout",
+        "--step-timeout",
+        type=float,
+        default=watchdog.STEP_TIMEOUT,
+        help="under the launcher: end the job (exit 3) when no training step has begun for this many seconds, "
+        "as when a node froze; must exceed a step plus an epoch's validation and saving",
+    )
     return p.parse_args(argv)
 
 
@@ -188,7 +205,7 @@ def resolve_args(args, cuda, world_size=1):
             setattr(args, key, max(1, value // world_size) if key == "batch_size" else value)
     check_flags(
         args,
-        positive=("epochs", "batch_size", "width", "samples_per_slice", "lr"),
+        positive=("epochs", "batch_size", "width", "samples_per_slice", "lr", "join_timeout", "step_timeout"),
         non_negative=("bn_slices", "val_slices", "seed", "num_workers", "elastic_sigma", "border_weight"),
     )
     if args.crop_size < 0 or 0 < args.crop_size < 16:
@@ -410,6 +427,8 @@ def train(args, device, stop):
     engine = build_engine(args, model, criterion, len(loader))
     run = start_run(args, engine, checkpoint, len(loader), master_process)
     stop.position, stop.resume_from = (run.start_epoch, 0), run.last_saved
+    if flow.env.get_world_size() > 1:  # a frozen peer would block the collectives forever
+        watchdog.arm(args.step_timeout, os.path.join(args.checkpoint_dir, "last"))
     try:
         if master_process:
             prepare_checkpoint_dir(args, run, loader, val_set, device)
@@ -428,6 +447,8 @@ def train(args, device, stop):
         raise DataError(f"{e}; stopped, {saved_note(run)}") from None
     except WriteError as e:
         raise WriteError(f"{e}; {saved_note(run)}") from None
+    finally:
+        watchdog.disarm()
     if master_process:
         print(f"done: best checkpoint {os.path.join(args.checkpoint_dir, 'best')} ({best_reason(args, run)})")
     return model

@@ -15,6 +15,7 @@ import numpy as np
 import oneflow as flow
 from tqdm import tqdm
 
+from isbi_unet import watchdog
 from isbi_unet.errors import atomic_write, cannot_write
 from isbi_unet.images import evenly_spaced
 from isbi_unet.metrics import THRESHOLDS, pixel_error, score_curve
@@ -79,6 +80,7 @@ def train_one_epoch(engine, loader, epoch, epochs, seed, device, stop=None):
     loss_sum, count = 0.0, 0
     with epoch_bar(epoch, epochs, len(loader.sampler), rank == 0, world_size) as progress:
         for step, batch in enumerate(loader, 1):
+            watchdog.feed(epoch, step)  # a frozen peer ends the job after --step_timeout (watchdog.py)
             batch = [t.to(device) for t in batch]
             loss_value = engine.train_step(*batch).item()
             if not math.isfinite(loss_value):

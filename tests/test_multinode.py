@@ -1,0 +1,335 @@
+"""Several machines, rehearsed on one: each node in its own network namespace with its own address
+(tools/netns.py), the README's commands on each. Two nodes x one process train, end with identical
+weights, only global rank 0 writes, and --resume continues on both; a node that never joins ends the
+others with one line and exit 2 (--join_timeout); a frozen node ends the others (--step_timeout).
+
+Namespaces need root and iproute2 (CI runs as root); where they cannot be made those tests are skipped
+with the reason. The join tests need no namespace: before OneFlow starts, "nodes" on one address do not
+collide. Every process runs in its own session, is killed with its group when a test ends however it
+ends, and the namespaces go with everything still inside them (tools/netns.down).
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY, free_port, write_dataset
+from tools import netns
+
+MASTER_PORT = 29500  # free in a namespace made for the test
+PREFIX = f"isbit{os.getpid()}"
+DATA_FLAGS = ["--data_path", "data/train"]
+
+
+def launcher_module():
+    """The launcher train.sh uses: isbi_unet.launch (exits with the rank's code) where it exists, else OneFlow's."""
+    return (
+        "isbi_unet.launch"
+        if os.path.exists(os.path.join(REPO, "isbi_unet", "launch.py"))
+        else "oneflow.distributed.launch"
+    )
+
+
+def rank_exited(proc_rc, output, code):
+    """Whether the launcher reports a rank's exit `code`: isbi_unet.launch as its own code, OneFlow's in a traceback."""
+    if launcher_module() == "isbi_unet.launch":
+        return proc_rc == code
+    return proc_rc != 0 and f"returned non-zero exit status {code}." in output
+
+
+def error_lines(text):
+    return [line for line in text.splitlines() if line.startswith("error: ")]
+
+
+class Processes:
+    """Started commands, each in its own session, output to a file (a pipe would be held open by a stray rank)."""
+
+    def __init__(self, folder):
+        self.folder, self.procs = folder, []
+
+    def start(self, name, cmd, env=None, cwd=REPO, namespace=None):
+        if namespace:
+            cmd = ["ip", "netns", "exec", namespace, *cmd]
+        log = self.folder / f"{name}.txt"
+        with open(log, "w") as f:
+            proc = subprocess.Popen(
+                [str(c) for c in cmd],
+                cwd=cwd,
+                env={**os.environ, **(env or {})},
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        proc.log = log
+        self.procs.append(proc)
+        return proc
+
+    def wait(self, proc, timeout):
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout} s:\n{proc.log.read_text()}") from None
+        return proc.returncode, proc.log.read_text()
+
+    def kill_all(self):
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGCONT)
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Processes(tmp_path)
+    yield p
+    p.kill_all()
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    """Two node namespaces, PREFIX-n0 (10.200.0.1) and PREFIX-n1 (10.200.0.2); removed after the module's tests."""
+    why = netns.unavailable()
+    if why:
+        pytest.skip(f"no simulated nodes: {why}")
+    try:
+        names = netns.up(2, PREFIX)
+    except OSError as e:
+        pytest.skip(f"no simulated nodes: network namespaces cannot be made here ({e})")
+    try:
+        yield names
+    finally:
+        netns.down(PREFIX)
+        assert netns.namespaces(PREFIX) == []
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory):
+    """The code, a link to the venv and tiny data in data/: train.sh runs as a user runs it, touching nothing here."""
+    root = tmp_path_factory.mktemp("node") / "repo"
+    shutil.copytree(
+        REPO, root, ignore=shutil.ignore_patterns(".git", ".venv", "data", "checkpoints", "__pycache__", "*cache*")
+    )
+    os.symlink(os.path.realpath(os.path.join(REPO, ".venv")), root / ".venv")
+    write_dataset(str(root / "data"), n_train=6, n_test=1)
+    return root
+
+
+def node_env(rank, nnodes=2):
+    return dict(
+        NNODES=str(nnodes), NODE_RANK=str(rank), MASTER_ADDR=netns.address(0), MASTER_PORT=str(MASTER_PORT), NPROC="1"
+    )
+
+
+def test_two_nodes_train_identically_only_rank0_writes_and_resume(nodes, repo_copy, procs, tmp_path):
+    # The README's command for each node: NNODES=2 NODE_RANK=R MASTER_ADDR=... MASTER_PORT=... bash train.sh FLAGS
+    ckpt = [tmp_path / "node0" / "ckpt", tmp_path / "node1" / "ckpt"]  # two machines' disks
+    runs = [
+        procs.start(
+            f"train{r}",
+            ["bash", "train.sh", *DATA_FLAGS, "--epochs", 2, "--checkpoint_dir", ckpt[r], *TINY],
+            env=node_env(r),
+            cwd=repo_copy,
+            namespace=nodes[r],
+        )
+        for r in (0, 1)
+    ]
+    (rc0, out0), (rc1, out1) = (procs.wait(p, 180) for p in runs)
+    assert rc0 == 0 and rc1 == 0, out0 + out1
+    launch = f"--nnodes 2 --node_rank 0 --master_addr {netns.address(0)} --master_port {MASTER_PORT}"
+    assert f"train.sh: 1 processes through oneflow.distributed.launch {launch}" in out0  # train.sh passed the env
+    assert "batch 2 x 2 process(es)" in out0 and out0.count("epoch   2/2") == 1
+    assert "epoch" not in out1  # rank 1 prints nothing of its own
+    assert len((ckpt[0] / "log.csv").read_text().splitlines()) == 3
+    assert os.path.isfile(ckpt[0] / "last" / "pickled_data")
+    assert not os.path.exists(ckpt[1])  # only global rank 0 writes
+
+    # Node 1 gets a copy of `last` (or shared storage); --resume continues on both, and every rank dumps its weights.
+    shutil.copytree(ckpt[0], ckpt[1])
+    resumed = [
+        procs.start(
+            f"resume{r}",
+            [
+                sys.executable,
+                "-m",
+                "oneflow.distributed.launch",
+                *launch.replace("node_rank 0", f"node_rank {r}").split(),
+                "--nproc_per_node",
+                1,
+                "tests/ddp_worker.py",
+                tmp_path,
+                *DATA_FLAGS,
+                "--resume",
+                ckpt[r] / "last",
+                "--epochs",
+                3,
+                *TINY,
+            ],
+            cwd=repo_copy,
+            namespace=nodes[r],
+        )
+        for r in (0, 1)
+    ]
+    (rc0, out0), (rc1, out1) = (procs.wait(p, 180) for p in resumed)
+    assert rc0 == 0 and rc1 == 0, out0 + out1
+    assert "epoch   3/3" in out0 and "epoch   2/3" not in out0
+    assert len((ckpt[0] / "log.csv").read_text().splitlines()) == 4
+    assert len((ckpt[1] / "log.csv").read_text().splitlines()) == 3  # node 1's copy untouched: rank 1 never writes
+    r0, r1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
+    assert sorted(r0.files) == sorted(r1.files) and len(r0.files) > 50
+    for key in r0.files:
+        np.testing.assert_array_equal(r0[key], r1[key], err_msg=key)
+
+
+def launch_node(procs, rank, nnodes, port, *flags, name=None):
+    """A node on 127.0.0.1: the launcher with --nnodes/--node_rank, one process, TrainUnetDataSet.py FLAGS."""
+    cmd = [
+        sys.executable,
+        "-m",
+        launcher_module(),
+        "--nnodes",
+        nnodes,
+        "--node_rank",
+        rank,
+        "--nproc_per_node",
+        1,
+        "--master_port",
+        port,
+        "TrainUnetDataSet.py",
+        *flags,
+    ]
+    return procs.start(name or f"node{rank}", cmd)
+
+
+def test_node0_alone_ends_with_one_line_and_exit_2(data, procs, tmp_path):
+    port = free_port()
+    t0 = time.time()
+    node = launch_node(
+        procs,
+        0,
+        2,
+        port,
+        "--data_path",
+        f"{data}/train",
+        "--checkpoint_dir",
+        tmp_path / "ckpt",
+        *TINY,
+        "--join_timeout",
+        20,
+    )
+    rc, out = procs.wait(node, 60)
+    seconds = time.time() - t0
+    assert error_lines(out) == [
+        f"error: only 1 of 2 processes joined within 20 s (master 127.0.0.1:{port}); "
+        "check --master_addr, --nnodes, --node_rank and the firewall"
+    ], out
+    assert rank_exited(rc, out, 2), out
+    assert 20 <= seconds < 60
+    assert not os.path.exists(tmp_path / "ckpt")  # nothing written
+
+
+def test_every_started_rank_says_how_many_joined(procs):
+    # --nnodes 3, nodes 0 and 1 come, node 2 never does: both say 2 of 3
+    port = free_port()
+    started = [launch_node(procs, r, 3, port, "--join_timeout", 5) for r in (0, 1)]
+    for rc, out in (procs.wait(p, 60) for p in started):
+        assert error_lines(out) == [
+            f"error: only 2 of 3 processes joined within 5 s (master 127.0.0.1:{port}); "
+            "check --master_addr, --nnodes, --node_rank and the firewall"
+        ], out
+        assert rank_exited(rc, out, 2), out
+
+
+def test_a_node_with_another_nnodes_is_told_at_once_and_one_alone_that_the_master_is_unreachable(procs):
+    port = free_port()
+    master = launch_node(procs, 0, 2, port, "--join_timeout", 8)
+    time.sleep(2)
+    t0 = time.time()
+    rc, out = procs.wait(launch_node(procs, 1, 3, port, "--join_timeout", 8, name="wrong"), 60)
+    assert time.time() - t0 < 6, "refused at once, not at the deadline"
+    assert error_lines(out) == [
+        f"error: the master 127.0.0.1:{port} refused this process: this process counts 3 processes in the job but "
+        "the master counts 2; give every node the same --nnodes and --nproc_per_node"
+    ], out
+    assert rank_exited(rc, out, 2), out
+    assert "only 1 of 2 processes joined" in procs.wait(master, 60)[1]
+
+    port = free_port()  # nobody listens: a typo in --master_addr, or node 0 not started
+    rc, out = procs.wait(launch_node(procs, 1, 2, port, "--join_timeout", 3, name="alone"), 60)
+    assert error_lines(out) == [
+        f"error: only 0 of 2 processes joined within 3 s (master 127.0.0.1:{port}, not reachable from this node); "
+        "check --master_addr, --nnodes, --node_rank and the firewall"
+    ], out
+    assert rank_exited(rc, out, 2), out
+
+
+def rank_pid(namespace):
+    """The training process (not its launcher) inside a node's namespace, or None."""
+    for pid in netns.pids_in(namespace):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"TrainUnetDataSet.py" in cmd and cmd[1:2] != [b"-m"]:  # the launcher runs `python3 -m ...`
+            return pid
+    return None
+
+
+def wait_until(condition, timeout, what):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_a_frozen_node_ends_the_job_and_last_stays_loadable(nodes, procs, tmp_path):
+    data = write_dataset(str(tmp_path / "data"), n_train=40, n_test=1)
+    ckpt = tmp_path / "ckpt"
+    flags = ["--data_path", f"{data}/train", "--epochs", 50, "--checkpoint_dir", ckpt, *TINY, "--step_timeout", 8]
+    runs = [
+        procs.start(
+            f"node{r}",
+            [
+                sys.executable,
+                "-m",
+                launcher_module(),
+                "--nnodes",
+                2,
+                "--node_rank",
+                r,
+                "--nproc_per_node",
+                1,
+                "--master_addr",
+                netns.address(0),
+                "--master_port",
+                MASTER_PORT,
+                "TrainUnetDataSet.py",
+                *flags,
+            ],
+            namespace=nodes[r],
+        )
+        for r in (0, 1)
+    ]
+    wait_until(lambda: "epoch   1/50" in runs[0].log.read_text(), 120, "epoch 1")
+    frozen = rank_pid(nodes[1])
+    assert frozen, "node 1's training process"
+    os.kill(frozen, signal.SIGSTOP)
+    t0 = time.time()
+    rc, out = procs.wait(runs[0], 60)
+    assert time.time() - t0 < 8 + 20
+    lines = error_lines(out)
+    assert len(lines) == 1 and lines[0].startswith("error: no progress for 8 s since epoch "), out
+    assert f"stopped, continue with --resume {ckpt / 'last'}" in lines[0]
+    assert rank_exited(rc, out, 3), out
+    from isbi_unet.checkpoint import load_checkpoint
+
+    assert load_checkpoint(str(ckpt / "last"))["epoch"] >= 1
