@@ -152,3 +152,13 @@ def test_without_onnxruntime_onnx_input_says_how_to_install(exported, data, tmp_
 )
 def test_export_refuses_bad_flags(flags, message, trained):
     assert_fails(run("export_onnx.py", "--checkpoint", trained / "best", *flags, check=False), message)
+
+
+def test_onnx_runtime_inference_needs_no_oneflow(exported):
+    code = (
+        "import sys; sys.modules['oneflow'] = None; import numpy as np; "  # any `import oneflow` now fails
+        "from isbi_unet.onnx_backend import load_onnx, onnx_forward; from isbi_unet.tiling import predict_tiled; "
+        "forward = onnx_forward(load_onnx(sys.argv[1])[0]); "
+        "print(predict_tiled(forward, np.zeros((1, 40, 72), np.float32), tile=48, overlap=32).shape)"
+    )
+    assert run("-c", code, exported).stdout.strip() == "(1, 40, 72)"
