@@ -17,9 +17,9 @@ with half the batch, the way `NPROC=2 bash train.sh` trains; its images/s counts
 `graph_ddp2` is the same through one data-parallel nn.Graph: the model as global tensors broadcast to both
 processes, each batch split between them (the scripts do not train this way; see docs/speed.md).
 `onnx` exports the model with export_onnx.py's converter (oneflow-onnx) and times ONNX Runtime inference,
-one slice at batch 1 on every core (no training row). PyTorch runs with its default threads; its U-Net
-(tools/torch_unet.py) mirrors unet.py layer for layer (parameter counts are printed to show it). Results are
-printed as a table; --json also writes them to a file.
+one slice at batch 1 on every core (no training row; its peak memory includes the conversion). PyTorch runs
+with its default threads; its U-Net (tools/torch_unet.py) mirrors unet.py layer for layer (parameter counts
+are printed to show it). Results are printed as a table; --json also writes them to a file.
 """
 
 import argparse

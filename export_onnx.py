@@ -89,6 +89,9 @@ def convert(model, size, path, opset=None):
         stdout, sys.stdout = sys.stdout, sys.stderr  # its progress prints go to stderr, our result to stdout
         try:
             export_onnx_model(graph, opset=opset, flow_weight_dir=weights, onnx_model_path=path)
+        except Exception as e:  # e.g. bilinear=True: its handler for align_corners upsampling fails
+            detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            raise DataError(f"OneFlow's converter (oneflow-onnx) failed on UNet{model.config()}: {detail}") from None
         finally:
             sys.stdout = stdout
 
