@@ -162,3 +162,18 @@ def test_onnx_runtime_inference_needs_no_oneflow(exported):
         "print(predict_tiled(forward, np.zeros((1, 40, 72), np.float32), tile=48, overlap=32).shape)"
     )
     assert run("-c", code, exported).stdout.strip() == "(1, 40, 72)"
+
+
+def test_a_model_the_converter_cannot_take_is_one_line_and_no_file(data, tmp_path):
+    import oneflow as flow
+
+    from isbi_unet.checkpoint import save_checkpoint
+    from unet import UNet
+
+    flow.manual_seed(0)
+    save_checkpoint(tmp_path / "bilinear", UNet(1, 1, bilinear=True, width=4), epoch=0)
+    out = tmp_path / "bilinear.onnx"
+    args = ["--checkpoint", tmp_path / "bilinear", "--out", out, "--size", SIZE, "--check_data", f"{data}/test"]
+    proc = run("export_onnx.py", *args, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: OneFlow's converter")
+    assert sorted(os.listdir(tmp_path)) == ["bilinear", "data"]  # neither the .onnx nor its .tmp
