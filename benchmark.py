@@ -5,6 +5,8 @@
     python3 benchmark.py --torch_python /opt/torch/bin/python3   # + the same U-Net in PyTorch and the ratio
     python3 benchmark.py --device cuda --amp                 # on a GPU: + graph with mixed precision
     python3 benchmark.py --setting cpu --modes ddp2,graph_ddp2 --width 8   # data-parallel graph; another width
+    python3 benchmark.py --modes onnx --setting cpu --width 16   # ONNX Runtime inference only, width 16 / 64
+    python3 benchmark.py --modes onnx --setting article
 
 Settings: `cpu` is the CPU recipe (width 16, 256x256 crops, batch 4); `article` is the article's model
 (width 64, whole 512x512 slices, batch 1). A training step is forward + BCE loss + backward + Adam on
@@ -14,8 +16,10 @@ random data; inference is one slice at batch 1 with no gradient. Every mode runs
 with half the batch, the way `NPROC=2 bash train.sh` trains; its images/s counts both processes.
 `graph_ddp2` is the same through one data-parallel nn.Graph: the model as global tensors broadcast to both
 processes, each batch split between them (the scripts do not train this way; see docs/speed.md).
-PyTorch runs with its default threads; its U-Net (tools/torch_unet.py) mirrors unet.py layer for layer
-(parameter counts are printed to show it). Results are printed as a table; --json also writes them to a file.
+`onnx` exports the model with export_onnx.py's converter (oneflow-onnx) and times ONNX Runtime inference,
+one slice at batch 1 on every core (no training row; its peak memory includes the conversion). PyTorch runs
+with its default threads; its U-Net (tools/torch_unet.py) mirrors unet.py layer for layer (parameter counts
+are printed to show it). Results are printed as a table; --json also writes them to a file.
 """
 
 import argparse
@@ -40,8 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--setting", choices=["all", *SETTINGS], default="all", help="which model/input shapes to time")
     p.add_argument(
         "--modes",
-        default="eager,graph,ddp2",
-        help="comma-separated OneFlow modes: eager, graph, ddp2, graph_ddp2 (and graph_amp on CUDA with --amp)",
+        default="eager,graph,ddp2,onnx",
+        help="comma-separated modes: OneFlow's eager, graph, ddp2, graph_ddp2 (and graph_amp on CUDA with --amp); "
+        "onnx: ONNX Runtime inference of the exported model",
     )
     p.add_argument(
         "--width",
@@ -155,6 +160,33 @@ def oneflow_worker(mode, setting, steps, warmup, device_name, width):
         )
 
 
+def onnx_worker(setting, steps, warmup, width):
+    """ONNX Runtime inference of the same U-Net, converted as export_onnx.py converts it; prints one JSON line."""
+    import tempfile
+
+    import numpy as np
+    import oneflow as flow
+    import onnxruntime
+
+    from export_onnx import convert
+    from isbi_unet.onnx_backend import onnx_forward, open_session
+    from unet import UNet
+
+    s = SETTINGS[setting]
+    flow.manual_seed(0)
+    model = UNet(1, 1, width=width or s["width"]).eval()
+    with tempfile.TemporaryDirectory() as tmp:  # the session holds the model in memory once created
+        path = os.path.join(tmp, "unet.onnx")
+        convert(model, s["size"], path)
+        forward = onnx_forward(open_session(path))
+    x = np.random.default_rng(0).standard_normal((1, 1, s["size"], s["size"]), dtype=np.float32)
+    infer = timed(lambda: forward(x), steps, warmup, lambda y: y)
+    row = dict(framework="onnxruntime", version=onnxruntime.__version__, mode="onnx", setting=setting)
+    params = sum(p.numel() for p in model.parameters())
+    row.update(params=params, train_s=None, images=1, infer_s=infer, peak_mb=peak_memory_mb(), replicas_agree=None)
+    print(json.dumps(row), flush=True)
+
+
 def run_worker(python, spec, args, launcher=False):
     """Runs one measurement in its own process (under the launcher for ddp2 modes); its JSON line, or None."""
     launch = [
@@ -199,12 +231,13 @@ def print_table(results):
     print(header)
     torch_ms = {r["setting"]: r["train_s"] for r in results if r["framework"] == "pytorch"}
     for r in results:
-        ratio = f"{r['train_s'] / torch_ms[r['setting']]:.2f}x" if r["setting"] in torch_ms else "-"
+        trains = r["train_s"] is not None  # ONNX Runtime rows are inference only
+        ratio = f"{r['train_s'] / torch_ms[r['setting']]:.2f}x" if trains and r["setting"] in torch_ms else "-"
         infer = f"{1 / r['infer_s']:.2f}" if r["infer_s"] else "-"
+        ms, rate = (f"{r['train_s'] * 1000:.0f}", f"{r['images'] / r['train_s']:.2f}") if trains else ("-", "-")
         print(
             f"{r['setting']:<8} {r['framework'] + ' ' + r['version']:<19} {r['mode']:<16} {r['params']:>10,} "
-            f"{r['train_s'] * 1000:>14.0f} {r['images'] / r['train_s']:>12.2f} {infer:>12} "
-            f"{r['peak_mb']:>8.0f} {ratio:>11}"
+            f"{ms:>14} {rate:>12} {infer:>12} {r['peak_mb']:>8.0f} {ratio:>11}"
         )
 
 
@@ -212,6 +245,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         _, mode, setting = args.worker.split(":")
+        if mode == "onnx":
+            return onnx_worker(setting, args.steps, args.warmup, args.width)
         return oneflow_worker(mode, setting, args.steps, args.warmup, args.device, args.width)
     check_flags(args, positive=("steps", "width"), non_negative=("warmup",))
     if args.amp and not args.device.startswith("cuda"):
@@ -226,9 +261,9 @@ def main(argv=None):
         if args.torch_python:
             results.append(run_worker(args.torch_python, f"torch:eager:{setting}", args))
         for mode in modes:
-            results.append(
-                run_worker(sys.executable, f"oneflow:{mode}:{setting}", args, launcher=mode.endswith("ddp2"))
-            )
+            framework = "onnxruntime" if mode == "onnx" else "oneflow"
+            spec = f"{framework}:{mode}:{setting}"
+            results.append(run_worker(sys.executable, spec, args, launcher=mode.endswith("ddp2")))
             print(f"... {setting} {mode} done", file=sys.stderr, flush=True)
     results = [r for r in results if r]
     print(f"{os.cpu_count()} CPU cores, device {args.device}, median of {args.steps} steps after {args.warmup} warm-up")

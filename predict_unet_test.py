@@ -6,6 +6,8 @@
     python3 predict_unet_test.py --tile 256 --overlap 64    # overlap-tile inference, for any image size
     python3 predict_unet_test.py --Test_Data_path data/train/image --label_path data/train/label   # + scores
     python3 predict_unet_test.py --checkpoint runs/seed0/last runs/seed1/last runs/seed2/last   # an ensemble
+    python3 predict_unet_test.py --checkpoint unet.onnx     # ONNX Runtime (export_onnx.py writes unet.onnx)
+    python3 predict_unet_test.py --checkpoint unet.onnx checkpoints/last --tta   # ONNX and OneFlow, averaged
 
 For every input NAME.png it writes save_res_path/NAME.png, the binary mask in the label convention
 (255 = cell, 0 = membrane), and save_res_path/prob/NAME.png, the cell probability x 255 (uint8); when
@@ -15,6 +17,9 @@ its masks and probabilities also go to save_res_path/mask.tif and prob.tif (uint
 With --label_path (a folder, or a stack) it prints V_rand, V_info and pixel error
 per slice and for the stack (metrics.py). The model is rebuilt from the checkpoint alone; given several
 checkpoints, their cell probabilities are averaged (an ensemble, e.g. of runs with different --seed).
+A path ending in .onnx (export_onnx.py) runs in ONNX Runtime instead of OneFlow, several times faster on a
+CPU (docs/deploy.md); its input size is fixed at export, so an image of another size goes through
+overlap-tile inference at that size (one line says so).
 save_res_path/run.json records the checkpoint, the settings and the versions, device and code commit
 that produced the masks.
 """
@@ -33,9 +38,10 @@ from isbi_unet.engine import InferenceGraphs
 from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main
 from isbi_unet.images import preprocess, read_label, read_slice, slice_names, slice_path, write_png
 from isbi_unet.metrics import print_scores
+from isbi_unet.onnx_backend import fixed_tile, is_onnx, load_onnx, onnx_forward
 from isbi_unet.record import write_json_record
 from isbi_unet.stacks import is_stack, write_stack
-from isbi_unet.tiling import check_tiling, predict_tiled, write_isbi_tiff
+from isbi_unet.tiling import POOL, check_tiling, predict_tiled, write_isbi_tiff
 
 
 def parse_args(argv=None):
@@ -44,7 +50,8 @@ def parse_args(argv=None):
         "--checkpoint",
         nargs="+",
         default=["checkpoints/best"],
-        help="checkpoint directory written by TrainUnetDataSet.py; several: average their probabilities",
+        help="checkpoint directory written by TrainUnetDataSet.py, or an .onnx file written by export_onnx.py "
+        "(run by ONNX Runtime); several: average their probabilities",
     )
     p.add_argument(
         "--Test_Data_path",
@@ -63,7 +70,8 @@ def parse_args(argv=None):
         "--tile",
         type=int,
         default=0,
-        help="side of overlapping square tiles, a multiple of 16; 0 = whole image in one pass",
+        help="side of overlapping square tiles, a multiple of 16; 0 = whole image in one pass "
+        "(with .onnx models: their export size wherever an image needs it)",
     )
     p.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring tiles (with --tile)")
     p.add_argument(
@@ -79,7 +87,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--workers",
         type=int,
-        help="processes sharing the slices (default: 1 on CUDA, else one per CPU core, at most 4)",
+        help="processes sharing the slices (default: 1 on CUDA or with only .onnx models, whose ONNX Runtime "
+        "uses every core itself; else one per CPU core, at most 4)",
     )
     return p.parse_args(argv)
 
@@ -94,6 +103,45 @@ def probability_fn(models, device, graph=False):
             return (sum(flow.sigmoid(run(x)) for run in runs) / len(runs)).numpy()
 
     return forward
+
+
+def ensemble_fn(checkpoints, device, graph=False, threads=None):
+    """numpy forward averaging every checkpoint: OneFlow ones through probability_fn, .onnx ones in ONNX Runtime."""
+    flow_paths = [c for c in checkpoints if not is_onnx(c)]
+    forwards = [onnx_forward(load_onnx(c, threads)[0]) for c in checkpoints if is_onnx(c)]
+    weights = [1] * len(forwards)
+    if flow_paths:  # a OneFlow-only run stays exactly the single probability_fn it always was
+        forwards.append(probability_fn([load_model(c, device)[0] for c in flow_paths], device, graph))
+        weights.append(len(flow_paths))
+    if len(forwards) == 1:
+        return forwards[0]
+    return lambda batch: sum(w * f(batch) for w, f in zip(weights, forwards)) / len(checkpoints)
+
+
+def load_state(path, device):
+    """The checkpoint dict (model_config, epoch; input_size for .onnx), checked, without keeping a model."""
+    return load_onnx(path, threads=1)[1] if is_onnx(path) else load_model(path, device)[1]
+
+
+def onnx_size(states, tile):
+    """The input size shared by the .onnx models (None without any); a --tile that does not fit is refused."""
+    sizes = sorted({s["input_size"] for s in states if "input_size" in s})
+    if len(sizes) > 1:
+        raise DataError(f"the .onnx models take different input sizes {sizes}; export them at one --size")
+    if sizes:
+        fixed_tile((sizes[0], sizes[0]), sizes[0], tile)
+    return sizes[0] if sizes else None
+
+
+def say_tiling(images, size):
+    """The one line saying which images an .onnx model's fixed input size makes tiled."""
+    tiled = [im.shape for im in images if fixed_tile(im.shape, size)]
+    if tiled:
+        print(
+            f"{len(tiled)} of {len(images)} images (e.g. {tiled[0][1]}x{tiled[0][0]}) differ from the ONNX "
+            f"export's {size}x{size}: overlap-tile inference at {size}",
+            flush=True,
+        )
 
 
 def predict_probability(forward, image, tile=0, overlap=64, tta=False):
@@ -145,21 +193,26 @@ def to_mask(prob, threshold):
 _worker = {}
 
 
-def init_worker(checkpoints, device_name, graph, tile, overlap, tta):
+def init_worker(checkpoints, device_name, graph, tile, overlap, tta, size=None, threads=None):
     """Runs once in each worker process: its own models, and the settings every slice shares."""
     device = flow.device(device_name)
-    models = [load_model(c, device)[0] for c in checkpoints]
-    _worker.update(forward=probability_fn(models, device, graph), tile=tile, overlap=overlap, tta=tta)
+    forward = ensemble_fn(checkpoints, device, graph, threads)
+    _worker.update(forward=forward, tile=tile, overlap=overlap, tta=tta, size=size)
 
 
 def predict_in_worker(image):
     w = _worker
-    return predict_probability(w["forward"], image, w["tile"], w["overlap"], w["tta"])
+    tile, overlap = w["tile"], w["overlap"]
+    if w["size"]:  # .onnx models take one input size: tiles of it, unless the whole image fits
+        tile = fixed_tile(image.shape, w["size"], tile)
+        overlap = min(overlap, tile - POOL) if tile else overlap
+    return predict_probability(w["forward"], image, tile, overlap, w["tta"])
 
 
-def predict_all(args, images, device):
+def predict_all(args, images, device, size=None):
     """Cell probabilities of every image, in order, from --workers processes (or this one)."""
-    settings = (args.checkpoint, str(device), args.graph, args.tile, args.overlap, args.tta)
+    threads = max(1, len(os.sched_getaffinity(0)) // args.workers)  # ONNX Runtime's threads: the cores, shared out
+    settings = (args.checkpoint, str(device), args.graph, args.tile, args.overlap, args.tta, size, threads)
     if args.workers == 1:
         init_worker(*settings)
         yield from map(predict_in_worker, images)
@@ -207,15 +260,19 @@ def main(argv=None):
     names, out_names, images, labels = read_inputs(args)
     check_tiling(args.tile, args.overlap, 1)
     if args.workers is None:
-        args.workers = default_processes(device.type == "cuda", limit=len(images))
+        one = device.type == "cuda" or all(map(is_onnx, args.checkpoint))  # ONNX Runtime threads over the cores
+        args.workers = default_processes(one, limit=len(images))
     check_flags(args, positive=("workers",))
-    states = [load_model(c, device)[1] for c in args.checkpoint]  # checked here, so a bad one fails before any output
+    states = [load_state(c, device) for c in args.checkpoint]  # checked here, so a bad one fails before any output
+    size = onnx_size(states, args.tile)
     prob_dir = os.path.join(args.save_res_path, "prob")
     make_output_dir(prob_dir, "--save_res_path")
 
     t0 = time.time()
+    if size and not args.tile:
+        say_tiling(images, size)
     probs = []
-    for out_name, prob in zip(out_names, predict_all(args, images, device)):
+    for out_name, prob in zip(out_names, predict_all(args, images, device, size)):
         probs.append(prob)
         write_png(os.path.join(prob_dir, out_name), to_png_prob(prob))
         write_png(os.path.join(args.save_res_path, out_name), to_mask(prob, args.threshold))
@@ -231,7 +288,7 @@ def main(argv=None):
         f"{len(names)} masks in {args.save_res_path}/, probabilities in {prob_dir}/ "
         f"({model}, {seconds:.1f}s on {device} x {args.workers} process(es)"
         f"{', tiles ' + str(args.tile) if args.tile else ''}{', TTA' if args.tta else ''}"
-        f"{', graph' if args.graph else ''})"
+        f"{', graph' if args.graph else ''}{', ONNX Runtime' if size else ''})"
     )
     if labels is not None:
         print_scores(names, probs, labels)

@@ -32,7 +32,7 @@ _find_python() {
 }
 
 _requirements_hash() {
-    cat "$_repo/requirements.txt" "$_repo/requirements-dev.txt" | sha256sum | cut -d' ' -f1
+    cat "$_repo"/requirements*.txt | sha256sum | cut -d' ' -f1  # requirements-onnx.txt too
 }
 
 _make_venv() {

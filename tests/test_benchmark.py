@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import assert_fails, run
 
 
@@ -54,3 +56,12 @@ def test_data_parallel_modes_leave_both_processes_with_the_same_weights(tmp_path
 
 def test_benchmark_rejects_a_zero_width():
     assert_fails(run("benchmark.py", "--width", 0, check=False), "--width must be positive, got 0")
+
+
+def test_onnx_mode_times_onnx_runtime_inference_only(tmp_path):
+    pytest.importorskip("onnxruntime")  # requirements-onnx.txt installs only on CPython 3.10+
+    args = ["--setting", "cpu", "--modes", "onnx", "--width", 4, "--steps", 1, "--warmup", 0]
+    out = run("benchmark.py", *args, "--json", tmp_path / "bench.json").stdout
+    assert "onnxruntime 1.19.2" in out
+    (row,) = json.loads((tmp_path / "bench.json").read_text())
+    assert row["mode"] == "onnx" and row["params"] == 122_021 and row["train_s"] is None and row["infer_s"] > 0

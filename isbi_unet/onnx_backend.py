@@ -1,0 +1,125 @@
+"""ONNX Runtime inference of a model written by export_onnx.py; needs onnxruntime, not OneFlow.
+
+    session, state = load_onnx("unet.onnx")      # checked: readable, this repo's metadata, 1 input channel
+    forward = onnx_forward(session)              # numpy Nx1xSxS -> probabilities, for tiling.predict_tiled
+    tile = fixed_tile(image.shape, state["input_size"], requested_tile)
+
+The file alone is enough to predict: export_onnx.py stores the model config, the input size and the
+preprocessing in its metadata_props (METADATA keys below). The graph has a fixed 1x1xSxS input (OneFlow's
+converter bakes shapes into reshapes), so inputs of another size are tiled at S.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from isbi_unet.errors import DataError
+from isbi_unet.tiling import POOL, round_up
+
+FORMAT = "isbi-unet-onnx/1"
+# metadata_props keys; values are strings, the JSON ones parsed by load_onnx
+KEY_FORMAT, KEY_CONFIG, KEY_SIZE, KEY_PREPROCESS, KEY_OUTPUT, KEY_EPOCH, KEY_SOURCE = (
+    "isbi_unet.format",
+    "isbi_unet.model_config",
+    "isbi_unet.input_size",
+    "isbi_unet.preprocess",
+    "isbi_unet.output",
+    "isbi_unet.epoch",
+    "isbi_unet.source_checkpoint",
+)
+PREPROCESS = "uint8 slice / 255, then (x - mean) / max(std, 1e-6) over the whole slice (isbi_unet.images.preprocess)"
+OUTPUT = "cell probability in [0, 1] (sigmoid included), 1x1xSxS"
+INSTALL = "pip install -r requirements-onnx.txt (CPython 3.10+), or `source setup.sh`"
+
+
+def is_onnx(path):
+    return str(path).lower().endswith(".onnx")
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DataError(f"ONNX models need onnxruntime, which is not installed: {INSTALL}") from None
+    return onnxruntime
+
+
+def open_session(path, threads=None):
+    """An ONNX Runtime CPU session for `path`; unreadable files are one DataError."""
+    ort = import_onnxruntime()
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such ONNX model")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
+    if threads:
+        options.intra_op_num_threads = threads
+    # Spinning threads wait faster on an idle machine but lose a third of the speed on a busy one (measured).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ONNX Runtime raises its own types for truncated or foreign files
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: unreadable ONNX model, truncated or corrupt ({detail})") from None
+
+
+def read_state(path, session):
+    """The checkpoint-like dict (format, model_config, input_size, epoch) from the model's metadata."""
+    meta = session.get_modelmeta().custom_metadata_map
+    if meta.get(KEY_FORMAT) != FORMAT:
+        raise DataError(f"{path}: not an export of this repo (no '{FORMAT}' metadata); make one with export_onnx.py")
+    try:
+        state = {
+            "format": FORMAT,
+            "model_config": json.loads(meta[KEY_CONFIG]),
+            "input_size": int(meta[KEY_SIZE]),
+            "epoch": json.loads(meta.get(KEY_EPOCH, "null")),
+        }
+    except (KeyError, ValueError) as e:
+        raise DataError(f"{path}: damaged isbi_unet metadata ({type(e).__name__}: {e})") from None
+    return state
+
+
+def check_inputs(path, session, state):
+    """One 1x1xSxS float input and one output of the same shape, as the metadata says."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    size = state["input_size"]
+    if len(inputs) != 1 or len(outputs) != 1 or len(inputs[0].shape) != 4:
+        raise DataError(f"{path}: expected one 4-D input and one output, got {len(inputs)} and {len(outputs)}")
+    channels = inputs[0].shape[1]
+    if channels != 1 or state["model_config"].get("n_channels", 1) != 1:
+        raise DataError(f"{path}: the model takes {channels} input channels; EM slices have 1 (greyscale)")
+    if list(inputs[0].shape[2:]) != [size, size]:
+        raise DataError(f"{path}: input shape {inputs[0].shape} does not match its metadata's size {size}")
+
+
+def load_onnx(path, threads=None):
+    """(session, state) for an export_onnx.py file, checked; state mimics a checkpoint for run.json."""
+    session = open_session(path, threads)
+    state = read_state(path, session)
+    check_inputs(path, session, state)
+    return session, state
+
+
+def onnx_forward(session):
+    """numpy Nx1xSxS float32 -> probabilities of the same shape, one slice at a time (the graph's batch is 1)."""
+    name = session.get_inputs()[0].name
+
+    def forward(batch):
+        return np.concatenate([session.run(None, {name: x[None]})[0] for x in np.asarray(batch, np.float32)])
+
+    return forward
+
+
+def fixed_tile(shape, size, tile=0):
+    """The --tile an ONNX model of input size `size` needs for an image of `shape` (HxW or 1xHxW).
+
+    A requested `tile` must be `size`; without one: 0 (one pass) when the image, padded to a multiple of 16,
+    is exactly size x size, else `size`.
+    """
+    if tile and tile != size:
+        raise DataError(f"--tile {tile}: the ONNX model takes {size}x{size} inputs only; pass --tile {size} or none")
+    if tile:
+        return tile
+    h, w = shape[-2:]
+    return 0 if round_up(h, POOL) == size and round_up(w, POOL) == size else size
