@@ -38,6 +38,10 @@ def run_main(main):
         fail(f"error: {e}", 2)
     except Interrupted as e:
         fail(f"error: {e}", 130)
+    except KeyboardInterrupt:  # Ctrl-C in a script that has no step to finish
+        fail("error: interrupted", 130)
+    except OSError as e:  # a file system refusal no check foresaw (permissions, disk full): still one line
+        fail(f"error: {e.filename or 'a file'}: {e.strerror or e}", 2)
 
 
 def fail(message, code):
