@@ -27,6 +27,7 @@ that produced the masks.
 import argparse
 import multiprocessing
 import os
+import signal
 import time
 
 import numpy as np
@@ -200,6 +201,11 @@ def init_worker(checkpoints, device_name, graph, tile, overlap, tta, size=None, 
     _worker.update(forward=forward, tile=tile, overlap=overlap, tta=tta, size=size)
 
 
+def init_pool_worker(*settings):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent ends the pool
+    init_worker(*settings)
+
+
 def predict_in_worker(image):
     w = _worker
     tile, overlap = w["tile"], w["overlap"]
@@ -218,7 +224,8 @@ def predict_all(args, images, device, size=None):
         yield from map(predict_in_worker, images)
         return
     # spawn, not fork: OneFlow's runtime threads do not survive a fork.
-    with multiprocessing.get_context("spawn").Pool(args.workers, initializer=init_worker, initargs=settings) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(args.workers, initializer=init_pool_worker, initargs=settings) as pool:
         yield from pool.imap(predict_in_worker, images)
 
 
@@ -254,6 +261,9 @@ def check_outputs(args):
 
 
 def main(argv=None):
+    # OneFlow 0.9.0's own SIGINT handler ends the process with a segmentation fault; Python's raises
+    # KeyboardInterrupt, which run_main turns into one line and exit code 130.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args(argv)
     check_outputs(args)
     device = select_device(args.device)

@@ -180,3 +180,20 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_epoch(small_dis
     assert re.match(rf"error: {ckpt}/(best|last): ", stderr_lines(proc.stderr)[0])
     assert sorted(os.listdir(ckpt)) == ["best", "config.json", "last", "log.csv", "loss.png"]  # no .NAME.tmp
     assert weights(ckpt / "last")[0] == 1 and weights(ckpt / "best")[0] == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_during_prediction_is_one_line_and_exit_130(trained_run, tmp_path, workers):
+    data = write_dataset(str(tmp_path / "data"), n_train=0, n_test=60, size=(96, 96))
+    res = tmp_path / "res"
+    flags = ["--checkpoint", trained_run / "best", "--Test_Data_path", f"{data}/test", "--save_res_path", res]
+    cmd = [sys.executable, "predict_unet_test.py", *map(str, flags), "--tta", "--workers", str(workers)]
+    # its own session, so that a signal to its group is what a terminal's Ctrl-C sends (parent and workers)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    wait_until(lambda: os.path.isdir(res / "prob") and len(os.listdir(res / "prob")) >= 2, 120, "two slices done")
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr_lines(stderr) == ["error: interrupted"], stderr
+    assert len(os.listdir(res / "prob")) < 60  # it stopped, rather than finishing
