@@ -12,7 +12,9 @@ changes, made through the names its module looks up:
   the first stops training at the next step (isbi_unet/interrupt.py), a second stops it at once.
 - Its `signal.signal(SIGINT / SIGTERM, ...)` calls are ignored (the forwarding handler is installed first),
   and its os.killpg of the launcher's group, its response to a failed rank, becomes two signals to each
-  other rank (unless they are already stopping on a forwarded one): they stop at once, silently.
+  other rank (unless they are already stopping on a forwarded one): they stop at once, silently. A rank
+  that failed on bad input (exit 2) first gets the others up to GRACE seconds to fail alike, so rank 0's
+  one line is printed.
 - After a rank's non-zero exit it waits for the others (killing any still alive after GRACE seconds) and
   exits with the first failing rank's code (128 + N for a rank ended by signal N), with no traceback.
   Only rank 0 prints errors (errors.run_main).
@@ -30,6 +32,7 @@ import time
 from types import SimpleNamespace
 
 GRACE = 10  # seconds; ranks stopping together exit within about one of each other
+BAD_INPUT = 2  # errors.run_main's exit code for bad input, which every rank finds by itself
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -57,18 +60,23 @@ class Ranks:
         glog stack trace after 10 s). Two different signals, since a second SIGTERM still pending merges with the
         first. Nothing is sent when the ranks are already stopping on a forwarded signal.
         """
-        if not self.stopping:
-            self.forward(signal.SIGTERM)
-            self.forward(signal.SIGINT)
+        if self.stopping:
+            return
+        if any(process.poll() == BAD_INPUT for process in self.processes):
+            # Every rank checks the same flags and files, and only rank 0 prints: give it time to say what is wrong.
+            self.wait(GRACE, kill=False)
+        self.forward(signal.SIGTERM)
+        self.forward(signal.SIGINT)
 
-    def wait(self, grace=GRACE):
+    def wait(self, grace=GRACE, kill=True):
         deadline = time.time() + grace
         for process in self.processes:
             try:
                 process.wait(max(0.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                if kill:
+                    process.kill()
+                    process.wait()
 
 
 class Shim(SimpleNamespace):
