@@ -42,16 +42,16 @@ def common_names(prob_dirs, label_dir):
     """Map names in the first prob_dir to their label's name (same file, or page N for N.png in a stack);
     every other prob_dir must have them all."""
     first = prob_dirs[0]
-    probs = list_images(first)
+    probs = list_images(first)  # first, so a missing prob_dir is the error named
     labels = {label_key(n, label_dir): n for n in slice_names(label_dir)}
-    names = {n: labels[key] for n in probs for key in [label_key(n, label_dir)] if key in labels}
+    names = {n: labels[label_key(n, label_dir)] for n in probs if label_key(n, label_dir) in labels}
     if not names:
         raise DataError(f"{first}: no image file names in common with {label_dir}")
     for prob_dir in prob_dirs[1:]:  # an ensemble scores the same slices from every member
         missing = sorted(set(names) - set(list_images(prob_dir)), key=natural_key)
         if missing:
             raise DataError(f"{os.path.join(prob_dir, missing[0])}: missing, but {first} has it")
-    return dict(sorted(names.items(), key=lambda item: natural_key(item[0])))
+    return names  # in list_images' natural order
 
 
 def label_key(name, label_dir):

@@ -134,11 +134,13 @@ def cannot_write(path, error, what=""):
 def atomic_write(path, what=""):
     """`with atomic_write(path) as tmp:` write `tmp`; it then replaces `path` in one rename.
 
-    A failure (disk full, say) or a kill leaves `path` as it was; the temporary `.NAME.tmp` beside it
-    is removed, and an OSError becomes a WriteError naming `path`.
+    A failure (disk full, say) or a kill leaves `path` as it was; the temporary `.STEM.tmp.EXT` beside it
+    is removed, and an OSError becomes a WriteError naming `path`. The temporary file keeps the suffix,
+    since writers such as OpenCV's pick the file format by it.
     """
     parent, name = os.path.split(path)
-    tmp = os.path.join(parent, f".{name}.tmp")
+    stem, ext = os.path.splitext(name)
+    tmp = os.path.join(parent, f".{stem}.tmp{ext}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -40,9 +40,10 @@ def read_gray(path):
     one warning line, as a silently converted file is how a wrong dataset goes unnoticed."""
     if not os.path.isfile(path):  # checked here, as OpenCV would add a warning line of its own
         raise DataError(f"{path}: no such file")
-    if path.lower().endswith(STACK_EXTS) and count_pages(path) > 1:  # never read as its first page alone
+    pages = count_pages(path) if path.lower().endswith(STACK_EXTS) else 1
+    if pages > 1:  # never read as its first page alone
         raise DataError(
-            f"{path}: a stack of {count_pages(path)} pages inside a folder of images; pass the stack itself "
+            f"{path}: a stack of {pages} pages inside a folder of images; pass the stack itself "
             "(--Test_Data_path STACK.tif, or train-volume.tif and train-labels.tif in --data_path)"
         )
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED)

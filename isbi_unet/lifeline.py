@@ -48,9 +48,9 @@ def tie_to_launcher(argv=None):
     if not under_launcher() or not sys.platform.startswith("linux"):
         return
     launcher = os.getppid()
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-        pass  # not fatal: the job is only as robust as OneFlow's launcher makes it
-    elif os.getppid() != launcher:  # the launcher died before prctl took effect
+    # prctl failing is not fatal: the job is then only as robust as OneFlow's launcher makes it.
+    tied = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0
+    if tied and os.getppid() != launcher:  # the launcher died before prctl took effect
         os._exit(1)
     if "oneflow" in sys.modules:  # imported already: its rendezvous is over
         return

@@ -13,7 +13,7 @@ import struct
 import cv2
 import numpy as np
 
-from isbi_unet.errors import DataError
+from isbi_unet.errors import DataError, atomic_write
 
 STACK_EXTS = (".tif", ".tiff")
 # TIFF field types whose values are offsets or byte counts: SHORT, LONG, LONG8
@@ -97,13 +97,7 @@ def read_pages(path):
 
 
 def write_stack(path, pages):
-    """Writes uint8 or float32 HxW pages as one multi-page TIFF, complete or not at all (temp file, rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")  # OpenCV picks the format by suffix
-    try:
+    """Writes uint8 or float32 HxW pages as one multi-page TIFF, complete or not at all (errors.atomic_write)."""
+    with atomic_write(path) as tmp:
         if not cv2.imwritemulti(tmp, [np.ascontiguousarray(p) for p in pages]):
             raise DataError(f"{path}: could not be written")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

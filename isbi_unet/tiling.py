@@ -11,7 +11,7 @@ import numpy as np
 
 from isbi_unet.errors import DataError
 from isbi_unet.images import dihedral, inverse_dihedral
-from isbi_unet.stacks import write_stack
+from isbi_unet.stacks import STACK_EXTS, write_stack
 
 POOL = 16  # four 2x2 poolings: tile sides and tile offsets are multiples of this
 
@@ -127,7 +127,7 @@ def write_isbi_tiff(path, probs):
     sequence (or NxHxW array) of HxW or 1xHxW maps in [0, 1], one per test slice in order (30 for
     the challenge). The file appears complete or not at all (temporary file, then rename).
     """
-    if not path.lower().endswith((".tif", ".tiff")):
+    if not path.lower().endswith(STACK_EXTS):
         raise DataError(f"{path}: the ISBI submission is a TIFF; name it .tif or .tiff")
     pages = [np.asarray(p, np.float32).reshape(np.shape(p)[-2:]) for p in probs]
     if not pages:
