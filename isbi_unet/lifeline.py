@@ -150,8 +150,8 @@ def host(master, world, timeout, deadline):
         while len(peers) < world - 1:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                for conn in peers.values():
-                    send(conn, f"fail {len(peers) + 1}")
+                for conn in peers.values():  # with the master's deadline, which is the one that passed
+                    send(conn, f"fail {len(peers) + 1} {timeout:g}")
                 fail(joined_message(len(peers) + 1, world, timeout, master))
             readable, _, _ = select.select([server, *buffers, *peers.values()], [], [], min(remaining, 1.0))
             for conn in readable:
@@ -249,7 +249,8 @@ def visit(master, rank, world, timeout, deadline):
                     elif word == "go":
                         return
                     elif word == "fail":
-                        fail(joined_message(int(rest), world, timeout, master))
+                        joined, _, theirs = rest.partition(" ")
+                        fail(joined_message(int(joined), world, float(theirs or timeout), master))
                     elif word == "refuse":
                         fail(f"the master {master[0]}:{master[1]} refused this process: {rest}")
         time.sleep(0.5)

@@ -93,7 +93,6 @@ def stop_signals_script(body):
         import time
         from isbi_unet.interrupt import StopSignals
         with StopSignals(position=(3, 7)) as stop:
-            print("ready", flush=True)
     """
     script = textwrap.dedent(script) + textwrap.indent(textwrap.dedent(body), " " * 4)
     return subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -102,7 +101,12 @@ def stop_signals_script(body):
 @pytest.mark.parametrize("saving", [False, True])
 def test_a_second_signal_stops_at_once_but_lets_a_save_finish(saving):
     # The main thread is busy (as inside a long OneFlow step) and never reaches a check.
-    body = "with stop.protected():\n    time.sleep(1.5)\n    print('saved', flush=True)\n" if saving else ""
+    # "ready" inside the protected block when saving: a signal sent before it is entered would stop at once
+    body = (
+        "with stop.protected():\n    print('ready', flush=True)\n    time.sleep(1.5)\n    print('saved', flush=True)\n"
+        if saving
+        else "print('ready', flush=True)\n"
+    )
     proc = stop_signals_script(body + "time.sleep(60)\n")
     assert proc.stdout.readline() == b"ready\n"
     start = time.time()

@@ -12,6 +12,7 @@ ends, and the namespaces go with everything still inside them (tools/netns.down)
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -236,32 +237,85 @@ def test_node0_alone_ends_with_one_line_and_exit_2(data, procs, tmp_path):
     assert not os.path.exists(tmp_path / "ckpt")  # nothing written
 
 
+def listening(port):
+    """Whether a socket on this host listens on TCP `port` (read from /proc, without connecting to it)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = [line.split() for line in f.readlines()[1:]]
+        except OSError:
+            continue
+        if any(int(row[1].rsplit(":", 1)[1], 16) == port and row[3] == "0A" for row in rows):  # 0A: LISTEN
+            return True
+    return False
+
+
+def hold_back_at_the_door(port, timeout=120):
+    """Plays the master for one visitor: takes its check-in and hangs up, so it is retrying when node 0 comes.
+
+    Without this the test hangs on timing: node 0's deadline starts when it listens, and under load a
+    second node has taken longer than a short deadline just to start.
+    """
+    with socket.create_server(("127.0.0.1", port)) as server:
+        server.settimeout(timeout)
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(timeout)
+            line = b""
+            while not line.endswith(b"\n"):
+                data = conn.recv(64)
+                assert data, f"the visitor hung up before checking in (said {line!r})"
+                line += data
+    return line.decode().strip()
+
+
 def test_every_started_rank_says_how_many_joined(procs):
-    # --nnodes 3, nodes 0 and 1 come, node 2 never does: both say 2 of 3
+    # --nnodes 3, nodes 0 and 1 come, node 2 never does: both say 2 of 3, with the master's deadline
     port = free_port()
-    # 15 s: both nodes must start and check in first, which under load took more than 5 s
-    started = [launch_node(procs, r, 3, port, "--join_timeout", 15) for r in (0, 1)]
-    for rc, out in (procs.wait(p, 60) for p in started):
+    visitor = launch_node(procs, 1, 3, port, "--join_timeout", 120)
+    assert hold_back_at_the_door(port) == "join 1 3"
+    master = launch_node(procs, 0, 3, port, "--join_timeout", 10)
+    for rc, out in (procs.wait(p, 90) for p in (master, visitor)):
         assert error_lines(out) == [
-            f"error: only 2 of 3 processes joined within 15 s (master 127.0.0.1:{port}); "
+            f"error: only 2 of 3 processes joined within 10 s (master 127.0.0.1:{port}); "
             "check --master_addr, --nnodes, --node_rank and the firewall"
         ], out
         assert rank_exited(rc, out, 2), out
 
 
-def test_a_node_with_another_nnodes_is_told_at_once_and_one_alone_that_the_master_is_unreachable(procs):
+def connections(port):
+    """How many established TCP connections this host has on local `port` (read from /proc)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = [line.split() for line in f.readlines()[1:]]
+        except OSError:
+            continue
+        count += sum(int(row[1].rsplit(":", 1)[1], 16) == port and row[3] == "01" for row in rows)  # 01: ESTABLISHED
+    return count
+
+
+def test_a_wrong_nnodes_or_a_taken_node_rank_is_told_at_once_and_one_alone_that_the_master_is_unreachable(procs):
     port = free_port()
-    master = launch_node(procs, 0, 2, port, "--join_timeout", 8)
-    time.sleep(2)
-    t0 = time.time()
-    rc, out = procs.wait(launch_node(procs, 1, 3, port, "--join_timeout", 8, name="wrong"), 60)
-    assert time.time() - t0 < 6, "refused at once, not at the deadline"
-    assert error_lines(out) == [
-        f"error: the master 127.0.0.1:{port} refused this process: this process counts 3 processes in the job but "
-        "the master counts 2; give every node the same --nnodes and --nproc_per_node"
-    ], out
-    assert rank_exited(rc, out, 2), out
-    assert "only 1 of 2 processes joined" in procs.wait(master, 60)[1]
+    master = launch_node(procs, 0, 3, port, "--join_timeout", 300)
+    wait_until(lambda: listening(port), 120, f"node 0 to listen on {port}")
+    launch_node(procs, 1, 3, port, "--join_timeout", 300)
+    wait_until(lambda: connections(port) >= 1, 120, "node 1 to check in")
+    # deadlines of 300 s: ending within 120 s is being refused at once
+    for rank, nnodes, why in (
+        (
+            2,
+            4,
+            "this process counts 4 processes in the job but the master counts 3; "
+            "give every node the same --nnodes and --nproc_per_node",
+        ),
+        (1, 3, "another process has global rank 1 already; give each node its own --node_rank"),
+    ):
+        rc, out = procs.wait(launch_node(procs, rank, nnodes, port, "--join_timeout", 300, name=f"wrong{nnodes}"), 120)
+        assert error_lines(out) == [f"error: the master 127.0.0.1:{port} refused this process: {why}"], out
+        assert rank_exited(rc, out, 2), out
+    assert master.poll() is None, "node 0 still waits for a right node 2"
 
     port = free_port()  # nobody listens: a typo in --master_addr, or node 0 not started
     rc, out = procs.wait(launch_node(procs, 1, 2, port, "--join_timeout", 3, name="alone"), 60)
