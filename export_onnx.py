@@ -9,7 +9,7 @@ and converted; its metadata_props then get the model config, the input size and 
 (isbi_unet/onnx_backend.py), so the .onnx file alone is enough to predict. ONNX Runtime and OneFlow then
 both predict a real slice (the first of --check_data, mirrored or cropped to SIZE); the max difference of
 their probabilities is printed, and above --tolerance the export is discarded with exit code 2. The file
-appears only once checked (written to OUT.tmp, then renamed).
+appears only once checked (written to a temporary file beside it, then renamed).
 """
 
 import argparse
@@ -23,7 +23,7 @@ import oneflow as flow
 
 from isbi_unet import onnx_backend as ob
 from isbi_unet.checkpoint import load_model
-from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, run_main
+from isbi_unet.errors import DataError, atomic_write, check_apart, check_flags, check_output_dir, run_main
 from isbi_unet.images import preprocess, read_slice, slice_names
 from isbi_unet.tiling import POOL
 
@@ -136,8 +136,7 @@ def main(argv=None):
     check_args(args)
     model, state = load_model(args.checkpoint, "cpu")
     x = check_slice(args.check_data, args.size)
-    tmp = args.out + ".tmp"
-    try:
+    with atomic_write(args.out, "the ONNX file") as tmp:  # a failed check leaves no file and no temporary
         convert(model, args.size, tmp, args.opset)
         add_metadata(tmp, state, args.size, args.checkpoint)
         diff = max_difference(model, tmp, x)
@@ -145,10 +144,6 @@ def main(argv=None):
             raise DataError(
                 f"{args.out}: not written, ONNX Runtime differs from OneFlow by {diff:.2e} > {args.tolerance}"
             )
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     print(
         f"{args.out}: UNet{state['model_config']}, epoch {state.get('epoch')}, input 1x1x{args.size}x{args.size}, "
         f"{os.path.getsize(args.out) / 1e6:.1f} MB; ONNX Runtime vs OneFlow on a slice of {args.check_data}: "

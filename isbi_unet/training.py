@@ -33,6 +33,20 @@ def all_reduce_sum(values, device):
     return t.numpy().tolist()
 
 
+def check_finite(loss_value, epoch, step, device):
+    """Raises NonFiniteLoss on every rank when any rank's loss is NaN or inf.
+
+    A collective, so that a rank which alone sees it does not stop alone: it would leave the others
+    waiting in the next step's all_reduce, and rank 0, the one that prints, would say nothing of why.
+    """
+    bad = not math.isfinite(loss_value)
+    world_size = flow.env.get_world_size()
+    ranks = int(all_reduce_sum([float(bad)], device)[0]) if world_size > 1 else int(bad)
+    if ranks:
+        where = f" on {ranks} of {world_size} processes" if world_size > 1 else ""
+        raise NonFiniteLoss(f"epoch {epoch} step {step}: loss is {loss_value if bad else 'not finite'}{where}")
+
+
 def seed_epoch(seed, rank, epoch):
     """Seeds Python's, NumPy's and OneFlow's global generators from (seed, rank, epoch).
 
@@ -83,8 +97,7 @@ def train_one_epoch(engine, loader, epoch, epochs, seed, device, stop=None):
             watchdog.feed(epoch, step)  # a frozen peer ends the job after --step_timeout (watchdog.py)
             batch = [t.to(device) for t in batch]
             loss_value = engine.train_step(*batch).item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(f"epoch {epoch} step {step}: loss is {loss_value}")
+            check_finite(loss_value, epoch, step, device)
             loss_sum += loss_value * batch[0].shape[0]
             count += batch[0].shape[0]
             progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)

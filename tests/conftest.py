@@ -40,6 +40,18 @@ def write_dataset(root, n_train=6, n_test=3, size=(48, 48), seed=0):
     return root
 
 
+def user_checkout(root, n_train=6, n_test=1):
+    """A copy of the code at `root` with a link to the venv and tiny data in data/: the shell scripts run
+    there as a user runs them (setup.sh finds the venv up to date), touching nothing in this checkout."""
+    root = Path(root)
+    shutil.copytree(
+        REPO, root, ignore=shutil.ignore_patterns(".git", ".venv", "data", "checkpoints", "__pycache__", "*cache*")
+    )
+    os.symlink(os.path.realpath(os.path.join(REPO, ".venv")), root / ".venv")
+    write_dataset(str(root / "data"), n_train=n_train, n_test=n_test)
+    return root
+
+
 @pytest.fixture
 def data(tmp_path):
     return write_dataset(str(tmp_path / "data"))

@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source ./setup.sh
-python3 -m pytest -rs tests "$@"  # -rs: every skip says why
+python3 -m pytest -rs --durations=15 tests "$@"  # -rs: every skip says why; the 15 slowest tests at the end

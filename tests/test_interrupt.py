@@ -87,6 +87,42 @@ def test_a_bad_flag_under_the_launcher_is_one_line_and_exit_2(data, tmp_path):
     assert_fails(proc, "--epochs must be positive, got 0")
 
 
+NAN_ON_RANK_1 = """
+import sys
+sys.path.insert(0, {repo!r})
+import TrainUnetDataSet  # first: it ties this rank to the launcher before oneflow is imported
+import oneflow as flow
+from isbi_unet import engine
+from isbi_unet.errors import run_main
+
+steps = 0
+real_step = engine.EagerEngine.train_step
+
+
+def train_step(self, *batch):  # a whole real step (its gradients all-reduced), then rank 1 alone sees a NaN loss
+    global steps
+    steps += 1
+    loss = real_step(self, *batch)
+    return loss * float("nan") if flow.env.get_rank() == 1 and steps == 2 else loss
+
+
+engine.EagerEngine.train_step = train_step
+run_main(TrainUnetDataSet.main)
+"""
+
+
+def test_a_nan_loss_seen_by_one_rank_stops_every_rank_with_one_line(tmp_path):
+    # Rank 0, the one that prints, must say why: rank 1 stopping alone left it waiting, then "interrupted".
+    data = write_dataset(str(tmp_path / "data"), n_train=20, n_test=1)
+    worker = tmp_path / "nan_on_rank_1.py"
+    worker.write_text(NAN_ON_RANK_1.format(repo=REPO))
+    launch = ["-m", "isbi_unet.launch", "--nproc_per_node", 2, "--master_port", free_port()]
+    flags = ["--data_path", f"{data}/train", "--checkpoint_dir", tmp_path / "ckpt", *TINY, "--epochs", 2]
+    proc = run(*launch, worker, *flags, check=False, timeout=300)
+    assert_fails(proc, "epoch 1 step 2: loss is not finite on 1 of 2 processes; stopped, no checkpoint was saved")
+    assert not (tmp_path / "ckpt" / "last").exists()
+
+
 def stop_signals_script(body):
     """A process holding StopSignals at epoch 3 step 7 (no OneFlow needed), running BODY."""
     script = """

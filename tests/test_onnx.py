@@ -2,12 +2,13 @@
 
 import json
 import os
+import subprocess
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import assert_fails, predict_script, run, write_dataset
+from conftest import assert_fails, predict_script, run, user_checkout, write_dataset
 
 onnx = pytest.importorskip("onnx")  # requirements-onnx.txt installs only on CPython 3.10+
 pytest.importorskip("onnxruntime")
@@ -23,7 +24,8 @@ def exported(trained_run, tmp_path_factory):
     proc = run(
         "export_onnx.py", "--checkpoint", trained_run / "best", "--out", out, "--size", SIZE, "--check_data", check
     )
-    assert "max difference of probabilities" in proc.stdout and not os.path.exists(f"{out}.tmp")
+    assert "max difference of probabilities" in proc.stdout
+    assert os.listdir(out.parent) == ["unet.onnx"]  # no temporary left beside it
     return out
 
 
@@ -177,3 +179,17 @@ def test_a_model_the_converter_cannot_take_is_one_line_and_no_file(data, tmp_pat
     proc = run("export_onnx.py", *args, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: OneFlow's converter")
     assert sorted(os.listdir(tmp_path)) == ["bilinear", "data"]  # neither the .onnx nor its .tmp
+
+
+def test_test_sh_takes_an_onnx_file(exported, tmp_path):
+    # `bash test.sh --checkpoint unet.onnx`, as the README says, in a copy of the code with tiny data in data/
+    root = user_checkout(tmp_path / "repo", n_train=2, n_test=2)
+    proc = subprocess.run(
+        ["bash", "test.sh", "--checkpoint", exported], cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    res = root / "results"
+    names = sorted(os.listdir(root / "data" / "test"))
+    assert sorted(os.listdir(res / "prob")) == names and sorted(os.listdir(res / "overlay")) == names
+    assert cv2.imread(str(res / "figure.png")) is not None
+    assert json.loads((res / "run.json").read_text())["args"]["checkpoint"] == str(exported)
