@@ -239,17 +239,22 @@ def test_node0_alone_ends_with_one_line_and_exit_2(data, procs, tmp_path):
     assert not os.path.exists(tmp_path / "ckpt")  # nothing written
 
 
-def listening(port):
-    """Whether a socket on this host listens on TCP `port` (read from /proc, without connecting to it)."""
+def tcp_states(port):
+    """The states of this host's TCP sockets on local `port`, from /proc (hex: 0A listening, 01 established)."""
+    states = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
                 rows = [line.split() for line in f.readlines()[1:]]
         except OSError:
             continue
-        if any(int(row[1].rsplit(":", 1)[1], 16) == port and row[3] == "0A" for row in rows):  # 0A: LISTEN
-            return True
-    return False
+        states += [row[3] for row in rows if int(row[1].rsplit(":", 1)[1], 16) == port]
+    return states
+
+
+def listening(port):
+    """Whether a socket on this host listens on TCP `port` (seen without connecting to it)."""
+    return "0A" in tcp_states(port)
 
 
 def hold_back_at_the_door(port, timeout=120):
@@ -286,16 +291,8 @@ def test_every_started_rank_says_how_many_joined(procs):
 
 
 def connections(port):
-    """How many established TCP connections this host has on local `port` (read from /proc)."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = [line.split() for line in f.readlines()[1:]]
-        except OSError:
-            continue
-        count += sum(int(row[1].rsplit(":", 1)[1], 16) == port and row[3] == "01" for row in rows)  # 01: ESTABLISHED
-    return count
+    """How many established TCP connections this host has on local `port`."""
+    return tcp_states(port).count("01")
 
 
 def test_a_wrong_nnodes_or_a_taken_node_rank_is_told_at_once_and_one_alone_that_the_master_is_unreachable(procs):
