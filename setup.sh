@@ -82,6 +82,17 @@ EOF
 if [ -z "${OPENBLAS_CORETYPE:-}" ] && grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /proc/cpuinfo 2>/dev/null; then export OPENBLAS_CORETYPE=Haswell; fi
 EOF
     fi
+    # In activate, not only here, so that `source .venv/bin/activate` alone runs the scripts the same way.
+    if ! grep -q "isbi-unet: oneflow on cpu" "$_venv/bin/activate"; then
+        cat >> "$_venv/bin/activate" <<'EOF'
+
+# isbi-unet: oneflow on cpu (added by setup.sh) - a value already set is kept
+# OneFlow's VM worker busy-waits in sched_yield on CPU, burning a core for nothing.
+export ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD="${ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD:-0}"
+# No GPU is the expected case for many users; OneFlow's 'CUDA driver' warnings would only alarm them.
+export GLOG_minloglevel="${GLOG_minloglevel:-2}"
+EOF
+    fi
 }
 
 if _make_venv; then
@@ -91,10 +102,6 @@ if _make_venv; then
     source "$_venv/bin/activate"
     [ -n "$_had_nounset" ] && set -u
     unset _had_nounset
-    # The VM worker busy-waits in sched_yield on CPU, burning a core for nothing.
-    export ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD="${ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD:-0}"
-    # No GPU is the expected case for many users; OneFlow's 'CUDA driver' warnings would only alarm them.
-    export GLOG_minloglevel="${GLOG_minloglevel:-2}"
     unset -f _python_ok _find_python _requirements_hash _make_venv
 else
     unset -f _python_ok _find_python _requirements_hash _make_venv

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, assert_fails
 from isbi_unet.record import cpu_info
 
 
@@ -35,21 +35,33 @@ def test_no_suitable_python_is_a_clear_error(tmp_path):
     assert not (repo / ".venv").exists()
 
 
-def run_activated(command, **env):
+def activated(command, **env):
     """`command` in bash after sourcing this venv's activate, with nothing else in the environment but env."""
     venv = os.path.dirname(os.path.dirname(sys.executable))
-    proc = subprocess.run(
-        ["bash", "-c", f"source {venv}/bin/activate && {command}"],
+    return subprocess.run(
+        ["bash", "-c", f"source {venv}/bin/activate && cd {REPO} && {command}"],
         capture_output=True,
         text=True,
         env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), **env},
     )
+
+
+def run_activated(command, **env):
+    proc = activated(command, **env)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
 
 def test_activated_venv_imports_oneflow_in_a_clean_environment():
     assert run_activated("python3 -c 'import oneflow; print(oneflow.__version__)'").strip() == "0.9.0"
+
+
+def test_activate_alone_runs_oneflow_quietly_and_without_a_busy_core():
+    # the README offers `source .venv/bin/activate` as well as `source setup.sh`: both must run alike
+    assert_fails(activated("python3 TrainUnetDataSet.py --epochs -1"), "--epochs must be positive")
+    env = "echo $GLOG_minloglevel $ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD"
+    assert run_activated(env).split() == ["2", "0"]
+    assert run_activated(env, GLOG_minloglevel="0", ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD="1").split() == ["0", "1"]
 
 
 CONV = (
