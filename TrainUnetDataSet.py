@@ -22,8 +22,11 @@ import shutil
 import time
 from types import SimpleNamespace
 
+from isbi_unet.interrupt import StopSignals, guard_start_up
 from isbi_unet.lifeline import JOIN_TIMEOUT, tie_to_launcher
 
+if __name__ == "__main__":
+    guard_start_up()  # Ctrl-C before the training loop's own handler: one line, exit 130 (isbi_unet/interrupt.py)
 tie_to_launcher()  # before oneflow's import, which under the launcher waits for every rank (--join_timeout)
 
 import numpy as np
@@ -45,7 +48,6 @@ from isbi_unet.errors import (
 )
 from isbi_unet.figures import plot_losses, read_log
 from isbi_unet.images import split_names, training_sources
-from isbi_unet.interrupt import StopSignals
 from isbi_unet.losses import LOSSES, SegmentationLoss
 from isbi_unet.record import write_json_record
 from isbi_unet.training import (

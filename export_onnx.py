@@ -12,6 +12,11 @@ their probabilities is printed, and above --tolerance the export is discarded wi
 appears only once checked (written to a temporary file beside it, then renamed).
 """
 
+from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
+
+if __name__ == "__main__":
+    guard_start_up()  # Ctrl-C inside `import oneflow`: one line, exit 130 (isbi_unet/interrupt.py)
+
 import argparse
 import json
 import os
@@ -132,6 +137,7 @@ def max_difference(model, path, x):
 
 
 def main(argv=None):
+    keyboard_interrupts()
     args = parse_args(argv)
     check_args(args)
     model, state = load_model(args.checkpoint, "cpu")

@@ -24,6 +24,11 @@ save_res_path/run.json records the checkpoint, the settings and the versions, de
 that produced the masks.
 """
 
+from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
+
+if __name__ == "__main__":
+    guard_start_up()  # Ctrl-C inside `import oneflow`: one line, exit 130 (isbi_unet/interrupt.py)
+
 import argparse
 import multiprocessing
 import os
@@ -106,22 +111,23 @@ def probability_fn(models, device, graph=False):
     return forward
 
 
-def ensemble_fn(checkpoints, device, graph=False, threads=None):
-    """numpy forward averaging every checkpoint: OneFlow ones through probability_fn, .onnx ones in ONNX Runtime."""
-    flow_paths = [c for c in checkpoints if not is_onnx(c)]
-    forwards = [onnx_forward(load_onnx(c, threads)[0]) for c in checkpoints if is_onnx(c)]
+def ensemble_fn(checkpoints, models, device, graph=False):
+    """numpy forward averaging every model: OneFlow ones through probability_fn, .onnx ones in ONNX Runtime."""
+    pairs = list(zip(checkpoints, models))
+    forwards = [onnx_forward(m) for c, m in pairs if is_onnx(c)]
     weights = [1] * len(forwards)
-    if flow_paths:  # a OneFlow-only run stays exactly the single probability_fn it always was
-        forwards.append(probability_fn([load_model(c, device)[0] for c in flow_paths], device, graph))
-        weights.append(len(flow_paths))
+    flow_models = [m for c, m in pairs if not is_onnx(c)]
+    if flow_models:  # a OneFlow-only run stays exactly the single probability_fn it always was
+        forwards.append(probability_fn(flow_models, device, graph))
+        weights.append(len(flow_models))
     if len(forwards) == 1:
         return forwards[0]
     return lambda batch: sum(w * f(batch) for w, f in zip(weights, forwards)) / len(checkpoints)
 
 
-def load_state(path, device):
-    """The checkpoint dict (model_config, epoch; input_size for .onnx), checked, without keeping a model."""
-    return load_onnx(path, threads=1)[1] if is_onnx(path) else load_model(path, device)[1]
+def load_state(path, device, threads=None):
+    """(model, checkpoint dict): a OneFlow UNet or an ONNX Runtime session, checked; .onnx dicts hold input_size."""
+    return load_onnx(path, threads) if is_onnx(path) else load_model(path, device)
 
 
 def onnx_size(states, tile):
@@ -194,10 +200,12 @@ def to_mask(prob, threshold):
 _worker = {}
 
 
-def init_worker(checkpoints, device_name, graph, tile, overlap, tta, size=None, threads=None):
-    """Runs once in each worker process: its own models, and the settings every slice shares."""
+def init_worker(checkpoints, device_name, graph, tile, overlap, tta, size=None, threads=None, models=None):
+    """Runs once in each worker process: its own models (or the caller's), and the settings every slice shares."""
     device = flow.device(device_name)
-    forward = ensemble_fn(checkpoints, device, graph, threads)
+    if models is None:
+        models = [load_state(c, device, threads)[0] for c in checkpoints]
+    forward = ensemble_fn(checkpoints, models, device, graph)
     _worker.update(forward=forward, tile=tile, overlap=overlap, tta=tta, size=size)
 
 
@@ -215,17 +223,22 @@ def predict_in_worker(image):
     return predict_probability(w["forward"], image, tile, overlap, w["tta"])
 
 
-def predict_all(args, images, device, size=None):
-    """Cell probabilities of every image, in order, from --workers processes (or this one)."""
-    threads = max(1, len(os.sched_getaffinity(0)) // args.workers)  # ONNX Runtime's threads: the cores, shared out
-    settings = (args.checkpoint, str(device), args.graph, args.tile, args.overlap, args.tta, size, threads)
+def onnx_threads(workers):
+    """ONNX Runtime's threads per process: the cores, shared out among the workers."""
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+def predict_all(args, images, device, size=None, models=None):
+    """Cell probabilities of every image, in order, from --workers processes (or this one, with `models`)."""
+    settings = (args.checkpoint, str(device), args.graph, args.tile, args.overlap, args.tta, size)
     if args.workers == 1:
-        init_worker(*settings)
+        init_worker(*settings, onnx_threads(1), models)
         yield from map(predict_in_worker, images)
         return
     # spawn, not fork: OneFlow's runtime threads do not survive a fork.
     spawn = multiprocessing.get_context("spawn")
-    with spawn.Pool(args.workers, initializer=init_pool_worker, initargs=settings) as pool:
+    initargs = (*settings, onnx_threads(args.workers))
+    with spawn.Pool(args.workers, initializer=init_pool_worker, initargs=initargs) as pool:
         yield from pool.imap(predict_in_worker, images)
 
 
@@ -261,9 +274,7 @@ def check_outputs(args):
 
 
 def main(argv=None):
-    # OneFlow 0.9.0's own SIGINT handler ends the process with a segmentation fault; Python's raises
-    # KeyboardInterrupt, which run_main turns into one line and exit code 130.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    keyboard_interrupts()
     args = parse_args(argv)
     check_outputs(args)
     device = select_device(args.device)
@@ -273,7 +284,11 @@ def main(argv=None):
         one = device.type == "cuda" or all(map(is_onnx, args.checkpoint))  # ONNX Runtime threads over the cores
         args.workers = default_processes(one, limit=len(images))
     check_flags(args, positive=("workers",))
-    states = [load_state(c, device) for c in args.checkpoint]  # checked here, so a bad one fails before any output
+    # loaded and checked here, so a bad one fails before any output
+    loaded = [load_state(c, device, onnx_threads(args.workers)) for c in args.checkpoint]
+    states = [s for _, s in loaded]
+    models = [m for m, _ in loaded] if args.workers == 1 else None  # worker processes load their own
+    del loaded
     size = onnx_size(states, args.tile)
     prob_dir = os.path.join(args.save_res_path, "prob")
     make_output_dir(prob_dir, "--save_res_path")
@@ -282,7 +297,7 @@ def main(argv=None):
     if size and not args.tile:
         say_tiling(images, size)
     probs = []
-    for out_name, prob in zip(out_names, predict_all(args, images, device, size)):
+    for out_name, prob in zip(out_names, predict_all(args, images, device, size, models)):
         probs.append(prob)
         write_png(os.path.join(prob_dir, out_name), to_png_prob(prob))
         write_png(os.path.join(args.save_res_path, out_name), to_mask(prob, args.threshold))

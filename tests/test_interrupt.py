@@ -1,5 +1,6 @@
 """Nothing a user can cause ends in a traceback: Ctrl-C stops training at a step boundary (one process and
-under isbi_unet.launch), a second Ctrl-C stops it at once, a bad flag under the launcher is one line, and a
+under isbi_unet.launch), a second Ctrl-C stops it at once, Ctrl-C during start-up (inside `import oneflow`,
+or while the launcher waits for other nodes) is one line, a bad flag under the launcher is one line, and a
 full disk while saving keeps the previous checkpoints."""
 
 import errno
@@ -12,7 +13,8 @@ import textwrap
 import time
 
 import pytest
-from test_dead_rank import alive, children, wait_until
+from test_dead_rank import alive, children, maps, wait_until
+from test_multinode import listening
 from test_resume import read_epochs, start_training, wait_for_epoch_line, weights
 
 from conftest import REPO, TINY, assert_fails, free_port, run, write_dataset
@@ -78,6 +80,62 @@ def test_ctrl_c_under_the_launcher_stops_every_rank(tmp_path, target):
         for pid in [launcher.pid, *ranks]:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+START_UP = "error: interrupted during start-up; nothing was written"
+
+
+def stop_inside_oneflow_import(pid, timeout=120):
+    """SIGSTOP `pid` the moment OneFlow's C++ library is mapped: inside `import oneflow`, which then runs about
+    half a second more of Python (where OneFlow's own SIGINT handler, installed meanwhile, ended the process
+    silently with exit 255, a hang or an ImportError traceback)."""
+    deadline = time.time() + timeout
+    while "_oneflow_internal" not in maps(pid):
+        assert time.time() < deadline, f"oneflow's library not loaded by pid {pid} within {timeout} s"
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGSTOP)
+
+
+@pytest.mark.parametrize("script", ["TrainUnetDataSet.py", "predict_unet_test.py"])
+def test_ctrl_c_inside_import_oneflow_is_one_line_and_exit_130(data, trained, tmp_path, script):
+    out = tmp_path / "out"
+    flags = {
+        "TrainUnetDataSet.py": ["--data_path", f"{data}/train", "--checkpoint_dir", out, *TINY, "--epochs", 1],
+        "predict_unet_test.py": [
+            "--checkpoint",
+            trained / "best",
+            "--Test_Data_path",
+            f"{data}/test",
+            "--save_res_path",
+            out,
+        ],
+    }[script]
+    cmd = [sys.executable, script, *map(str, flags)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stop_inside_oneflow_import(proc.pid)
+        proc.send_signal(signal.SIGINT)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stderr_lines(stderr), stdout) == (130, [START_UP], ""), stderr
+    assert not out.exists()
+
+
+def test_ctrl_c_while_node_0_waits_for_the_others_is_one_line_and_exit_130(data, tmp_path):
+    port = free_port()
+    node = ["--nnodes", "2", "--node_rank", "0", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    flags = ["--data_path", f"{data}/train", "--checkpoint_dir", str(tmp_path / "ckpt"), *TINY]
+    cmd = [sys.executable, "-m", "isbi_unet.launch", *node, "--master_port", str(port), "TrainUnetDataSet.py", *flags]
+    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: listening(port), 120, "node 0 to wait for node 1")
+        launcher.send_signal(signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    assert (launcher.returncode, stderr_lines(stderr)) == (130, [START_UP]), stderr
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_a_bad_flag_under_the_launcher_is_one_line_and_exit_2(data, tmp_path):

@@ -175,6 +175,20 @@ def test_prediction_workers_write_the_same_results_as_one_process(data, trained,
         assert (tmp_path / "w1" / f"{i}.png").read_bytes() == (tmp_path / "w2" / f"{i}.png").read_bytes()
 
 
+def test_one_process_loads_each_checkpoint_once(data, trained, tmp_path, monkeypatch):
+    import predict_unet_test
+
+    loads = []
+    load_model = predict_unet_test.load_model
+    monkeypatch.setattr(
+        predict_unet_test, "load_model", lambda path, device: loads.append(path) or load_model(path, device)
+    )
+    args = ["--Test_Data_path", f"{data}/test", "--save_res_path", tmp_path / "res", "--workers", 1]
+    predict_unet_test.main([str(a) for a in ["--checkpoint", trained / "best", trained / "last", *args]])
+    assert loads == [str(trained / "best"), str(trained / "last")]
+    assert len(list((tmp_path / "res" / "prob").glob("*.png"))) == 3
+
+
 def test_several_checkpoints_average_their_probabilities(data, tmp_path):
     ckpts = [tmp_path / f"seed{s}" for s in (0, 1)]
     for seed, ckpt in zip((0, 1), ckpts):
