@@ -19,8 +19,9 @@ checkpoint being written), which finishes first, so nothing is left half-written
 
 Before that, from a script's first line until StopSignals takes over (`guard_start_up`): a signal ends the
 process with `error: interrupted during start-up; nothing was written` and exit 130. Measured without it:
-Ctrl-C inside `import oneflow` (1-2 s, or as long as the launcher's rendezvous waits for other nodes) ended
-the process silently with exit 255, and before that import with a KeyboardInterrupt traceback.
+Ctrl-C inside `import oneflow` (about 1 s, or as long as the launcher's rendezvous waits for other nodes)
+ended the process silently with exit 255 (export_onnx.py hung), and before and early in that import, or while
+node 0 waited for the other nodes, with a KeyboardInterrupt traceback.
 """
 
 import os
@@ -42,7 +43,7 @@ def guard_start_up():
     ever runs for them meanwhile.
     """
     global _start_up
-    if _start_up is not None:
+    if _start_up is not None or not hasattr(signal, "sigtimedwait"):  # sigtimedwait: Linux, not macOS
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     done = threading.Event()
