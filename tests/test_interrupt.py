@@ -124,7 +124,7 @@ def test_ctrl_c_inside_import_oneflow_is_one_line_and_exit_130(data, trained, tm
 
 def test_ctrl_c_while_node_0_waits_for_the_others_is_one_line_and_exit_130(data, tmp_path):
     port = free_port()
-    node = ["--nnodes", "2", "--node_rank", "0", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    node = ["--nnodes", "2", "--node_rank", "0", "--nproc_per_node", "1", "--master_addr", "127.0.0.1"]
     flags = ["--data_path", f"{data}/train", "--checkpoint_dir", str(tmp_path / "ckpt"), *TINY]
     cmd = [sys.executable, "-m", "isbi_unet.launch", *node, "--master_port", str(port), "TrainUnetDataSet.py", *flags]
     launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
