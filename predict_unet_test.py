@@ -285,10 +285,9 @@ def main(argv=None):
         args.workers = default_processes(one, limit=len(images))
     check_flags(args, positive=("workers",))
     # loaded and checked here, so a bad one fails before any output
-    loaded = [load_state(c, device, onnx_threads(args.workers)) for c in args.checkpoint]
-    states = [s for _, s in loaded]
-    models = [m for m, _ in loaded] if args.workers == 1 else None  # worker processes load their own
-    del loaded
+    models, states = zip(*(load_state(c, device, onnx_threads(args.workers)) for c in args.checkpoint))
+    if args.workers > 1:
+        models = None  # worker processes load their own; these are let go
     size = onnx_size(states, args.tile)
     prob_dir = os.path.join(args.save_res_path, "prob")
     make_output_dir(prob_dir, "--save_res_path")
