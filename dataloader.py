@@ -9,13 +9,12 @@ paper's border weight map for each sample. The logic is `isbi_unet.dataset.Slice
     python3 dataloader.py --data_path data/train     # checks the folder and prints what it found
 """
 
-import argparse
-
 import numpy as np
 import oneflow as flow
 
 from isbi_unet.dataset import Slices
 from isbi_unet.errors import run_main
+from isbi_unet.flags import Parser
 from isbi_unet.images import training_sources
 
 
@@ -24,10 +23,9 @@ class SelfDataSet(Slices, flow.utils.data.Dataset):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__doc__)
     parser.add_argument(
         "--data_path",
-        "--data-path",
         default="data/train",
         help="folder holding image/ and label/, or train-volume.tif and train-labels.tif",
     )

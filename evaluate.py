@@ -9,29 +9,27 @@ and pixel error per slice and for the stack; given several prob_dirs, it scores 
 How the scores are computed: isbi_unet/metrics.py.
 """
 
-import argparse
 import os
 
 import numpy as np
 
 from isbi_unet.errors import DataError, run_main
+from isbi_unet.flags import Parser
 from isbi_unet.images import list_images, natural_key, read_gray, read_label, slice_names
 from isbi_unet.metrics import print_scores
 from isbi_unet.stacks import is_stack
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument(
         "--prob_dir",
-        "--prob-dir",
         nargs="+",
         required=True,
         help="cell probability x 255 PNGs (e.g. results/prob); several: score the mean of their maps",
     )
     p.add_argument(
         "--label_dir",
-        "--label-dir",
         required=True,
         help="labels with the same file names, or a label stack (page N scores N.png)",
     )

@@ -9,7 +9,6 @@ Everything lands in a temporary folder and is checked (every file decodes, label
 image has its label) before it is moved into place, so a failed copy or download leaves no half data.
 """
 
-import argparse
 import contextlib
 import io
 import os
@@ -21,6 +20,7 @@ import urllib.request
 import cv2
 
 from isbi_unet.errors import DataError, check_apart, run_main
+from isbi_unet.flags import Parser
 from isbi_unet.images import find_pairs, list_images, read_gray, read_pair
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -86,8 +86,8 @@ def install(staging, data_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", "--data-dir", default=os.path.join(REPO, "data"), help="where train/ and test/ go")
+    p = Parser(__doc__)
+    p.add_argument("--data_dir", default=os.path.join(REPO, "data"), help="where train/ and test/ go")
     p.add_argument(
         "--source",
         default=os.environ.get("ISBI_DATA") or os.path.join(REPO, "..", "shared", "data", "isbi2012"),

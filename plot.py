@@ -5,15 +5,15 @@ has them, the validation metrics (V_rand, V_info, pixel error) in a second panel
     python3 plot.py --log checkpoints/log.csv --out loss.png
 """
 
-import argparse
 import os
 
 from isbi_unet.errors import check_apart, check_output_dir, run_main
 from isbi_unet.figures import plot_losses, read_log
+from isbi_unet.flags import Parser
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--log", default="checkpoints/log.csv", help="log.csv written by TrainUnetDataSet.py")
     p.add_argument("--out", help="PNG to write (default: loss.png beside the log)")
     args = p.parse_args(argv)

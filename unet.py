@@ -7,11 +7,11 @@ The article's model, after milesial/Pytorch-UNet, with its `bilinear=True` chann
     python3 unet.py --width 16 --bilinear
 """
 
-import argparse
-
 import oneflow as flow
 import oneflow.nn as nn
 import oneflow.nn.functional as F
+
+from isbi_unet.flags import Parser
 
 
 class DoubleConv(nn.Module):
@@ -139,7 +139,7 @@ class UNet(nn.Module):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__doc__)
     parser.add_argument("--width", type=int, default=64, help="channels of the first level (paper: 64)")
     parser.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convs")
     parser.add_argument("--size", type=int, default=512, help="side of the square test input")

@@ -15,7 +15,6 @@ The pictures in docs/ come from one command, given a training run's checkpoint f
     bash tools/make_docs.sh checkpoints
 """
 
-import argparse
 import json
 import os
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main
 from isbi_unet.figures import plt, save_figure  # figures selects matplotlib's headless backend
+from isbi_unet.flags import Parser
 from isbi_unet.images import check_same_size, read_gray, read_label, read_slice, slice_names, write_png
 from isbi_unet.metrics import pixel_error
 from isbi_unet.stacks import is_stack
@@ -33,27 +33,22 @@ ALPHA = 0.45
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument(
         "--res_path",
-        "--res-path",
         default="results",
         help="predict_unet_test.py's output folder (NAME.png, prob/NAME.png)",
     )
     p.add_argument(
         "--image_path",
-        "--image-path",
         help="the EM slices that were segmented (default: Test_Data_path in res_path/run.json)",
     )
-    p.add_argument(
-        "--label_path", "--label-path", help="labels of those slices (255 = cell), to show and score against"
-    )
+    p.add_argument("--label_path", help="labels of those slices (255 = cell), to show and score against")
     p.add_argument("--n", type=int, default=3, help="how many slices, first in natural order")
-    p.add_argument("--overlay_dir", "--overlay-dir", help="where overlays go (default: res_path/overlay)")
+    p.add_argument("--overlay_dir", help="where overlays go (default: res_path/overlay)")
     p.add_argument("--figure", help="side-by-side figure PNG (default: res_path/figure.png)")
     p.add_argument(
         "--max_side",
-        "--max-side",
         type=int,
         default=0,
         help="shrink overlays to at most this many pixels a side (0: full size)",

@@ -11,6 +11,8 @@ import signal
 import sys
 import tempfile
 
+BAD_INPUT = 2  # exit code for bad input or flags, in every script
+
 
 class DataError(ValueError):
     """Bad input data, flags or checkpoints; the message names the path and what is wrong."""
@@ -35,13 +37,13 @@ def run_main(main):
     try:
         main()
     except DataError as e:
-        fail(f"error: {e}", 2)
+        fail(f"error: {e}", BAD_INPUT)
     except Interrupted as e:
         fail(f"error: {e}", 130)
     except KeyboardInterrupt:  # Ctrl-C in a script that has no step to finish
         fail("error: interrupted", 130)
     except OSError as e:  # a file system refusal no check foresaw (permissions, disk full): still one line
-        fail(f"error: {e.filename or 'a file'}: {e.strerror or e}", 2)
+        fail(f"error: {e.filename or 'a file'}: {e.strerror or e}", BAD_INPUT)
 
 
 def fail(message, code):
