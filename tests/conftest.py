@@ -140,3 +140,34 @@ def predict_script(checkpoint, images, res, *flags, check=True):
 def snapshot(folder):
     """Every file under folder with its bytes, to show that a refused run changed nothing."""
     return {str(p): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fast", action="store_true", help="the edit-test loop's tier: skip every test that starts a process"
+    )
+
+
+def pytest_configure(config):
+    """Under --fast, starting any program but git (which run records ask for the commit) skips the test or
+    fixture that asked for it: scripts, launchers and network namespaces are the slow part of the suite."""
+    if not config.getoption("--fast"):
+        return
+    config.option.reportchars = config.option.reportchars.replace("s", "")  # one line below says why instead
+    start = subprocess.Popen.__init__
+
+    def start_unless_a_script(self, args, *rest, **kwargs):
+        program = os.path.basename(str(args[0] if isinstance(args, (list, tuple)) else args).split()[0])
+        if program != "git":
+            pytest.skip("starts a process: only in the full suite (bash tests/run.sh)")
+        start(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = start_unless_a_script
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if config.getoption("--fast"):
+        skipped = len(terminalreporter.stats.get("skipped", []))
+        terminalreporter.write_line(
+            f"--fast: {skipped} tests skipped, as they start a process; bash tests/run.sh runs all"
+        )
