@@ -7,10 +7,13 @@ Where from, in order: $ISBI_DATA or ../shared/data/isbi2012 (a folder of the sam
 public 30 + 30 slice PNG copy in zhixuhao/unet (pinned to one commit, so its content cannot change).
 Everything lands in a temporary folder and is checked (every file decodes, labels are binary, every
 image has its label) before it is moved into place, so a failed copy or download leaves no half data.
+It writes only folders it made: data/.get_data.json lists the files it put there. A train/image,
+train/label or test folder of anyone else's is never touched; then it changes nothing and says so.
 """
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import sys
@@ -19,7 +22,7 @@ import urllib.request
 
 import cv2
 
-from isbi_unet.errors import DataError, check_apart, run_main
+from isbi_unet.errors import DataError, atomic_write, check_apart, run_main, warn
 from isbi_unet.flags import Parser
 from isbi_unet.images import find_pairs, list_images, read_gray, read_pair
 
@@ -27,6 +30,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("train/image", "train/label", "test")
 URL = "https://raw.githubusercontent.com/zhixuhao/unet/909ae9b5fefd8a55900e24a771b073b1d4ef70ff/data/membrane/{part}/{i}.png"
 N_SLICES = 30
+RECORD = ".get_data.json"  # in data_dir: the files get_data.py put in each part
 
 
 def is_complete(root):
@@ -75,14 +79,38 @@ def download_to(staging, url_template):
                 raise DataError(f"{url}: downloaded file is not an image")
 
 
-def install(staging, data_dir):
-    """Moves the checked parts into data_dir, replacing incomplete ones."""
+def own_parts(data_dir):
+    """{part: file names} that get_data.py wrote, for the parts that still hold nothing else."""
+    try:
+        with open(os.path.join(data_dir, RECORD)) as f:
+            record = json.load(f)["parts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    own = {}
+    for part, names in record.items():
+        folder = os.path.join(data_dir, part)
+        if part in PARTS and os.path.isdir(folder) and set(os.listdir(folder)) <= set(names):
+            own[part] = names
+    return own
+
+
+def others_parts(data_dir):
+    """The parts present in data_dir that get_data.py did not write (or that hold files it did not write)."""
+    own = own_parts(data_dir)
+    return [part for part in PARTS if os.path.lexists(os.path.join(data_dir, part)) and part not in own]
+
+
+def install(staging, data_dir, origin):
+    """Moves the checked parts into data_dir, replacing only its own earlier ones, and records them."""
+    parts = {part: sorted(os.listdir(os.path.join(staging, part))) for part in PARTS}
     for part in PARTS:
         target = os.path.join(data_dir, part)
         if os.path.exists(target):
             shutil.rmtree(target)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.rename(os.path.join(staging, part), target)
+    with atomic_write(os.path.join(data_dir, RECORD)) as tmp, open(tmp, "w") as f:
+        json.dump({"source": origin, "parts": parts}, f, indent=1)
 
 
 def main(argv=None):
@@ -98,6 +126,14 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     if is_complete(args.data_dir):
+        return
+    others = others_parts(args.data_dir)
+    if others:  # the user's own slices: neither replaced nor mixed with the challenge's
+        found = ", ".join(os.path.join(args.data_dir, part) for part in others)
+        warn(
+            f"{found}: not written by get_data.py, so left as is and nothing added; complete train/image, "
+            f"train/label and test there yourself, or get the ISBI 2012 slices with --data_dir NEW_FOLDER"
+        )
         return
     from_env = bool(os.environ.get("ISBI_DATA"))
     if from_env and not os.path.isdir(args.source):
@@ -123,7 +159,7 @@ def main(argv=None):
             raise DataError(str(e).replace(staging, origin)) from None
         finally:
             sys.stderr.write(warnings.getvalue().replace(staging, origin))
-        install(staging, args.data_dir)
+        install(staging, args.data_dir, origin)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"get_data: {n_train} labeled training slices and {n_test} test slices in {args.data_dir}/")
