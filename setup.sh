@@ -55,7 +55,7 @@ _make_venv() {
     want="$(_requirements_hash)"
     if [ "$(cat "$_venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
         echo "setup.sh: installing requirements into $_venv (OneFlow and its CUDA libraries: about 4 GB, once)" >&2
-        # This machine's pip config lists local mirrors that lack these packages; its warnings are noise.
+        # A pip config may list local package folders that do not exist; pip's warnings about them are noise.
         "$_venv/bin/python" -m pip install -q --disable-pip-version-check -r "$_repo/requirements-dev.txt" \
             2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) || return 1
         echo "$want" > "$_venv/.requirements.sha256"
@@ -74,7 +74,7 @@ EOF
     fi
     # OpenBLAS (OneFlow's CPU convolutions run on its GEMM) picks its kernels by CPU model, and the AVX-512
     # ones of newer CPUs sum in another order: the same seed then trains to other weights on those machines
-    # (README, "The same numbers on another machine"). Its AVX2 kernels run on every x86-64 CPU since 2013.
+    # (docs/details.md, "The same numbers on another machine"). Its AVX2 kernels run on every x86-64 CPU since 2013.
     if ! grep -q "isbi-unet: blas kernels" "$_venv/bin/activate"; then
         cat >> "$_venv/bin/activate" <<'EOF'
 
