@@ -10,15 +10,18 @@ import os
 from isbi_unet.errors import check_apart, check_output_dir, run_main
 from isbi_unet.figures import plot_losses, read_log
 from isbi_unet.flags import Parser
+from isbi_unet.outputs import claim_file
 
 
 def main(argv=None):
     p = Parser(__doc__)
     p.add_argument("--log", default="checkpoints/log.csv", help="log.csv written by TrainUnetDataSet.py")
     p.add_argument("--out", help="PNG to write (default: loss.png beside the log)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a loss plot drawn here")
     args = p.parse_args(argv)
     out = args.out or os.path.join(os.path.dirname(args.log) or ".", "loss.png")
     check_apart(out, "--out", [(args.log, "--log")])
+    claim_file(out, "--out", "loss plot", args.overwrite)
     check_output_dir(os.path.dirname(out) or ".", "--out")
     plot_losses(read_log(args.log), out)
     print(out)

@@ -26,6 +26,7 @@ from isbi_unet.figures import plt, save_figure  # figures selects matplotlib's h
 from isbi_unet.flags import Parser
 from isbi_unet.images import check_same_size, read_gray, read_label, read_slice, slice_names, write_png
 from isbi_unet.metrics import pixel_error
+from isbi_unet.outputs import OVERLAYS, check_finished, claim_file, claim_folder, finish_output, start_output
 from isbi_unet.stacks import is_stack
 
 MEMBRANE_BGR = (255, 0, 255)  # magenta: stands out on grey, and for red-green colour blindness
@@ -56,6 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--dpi", type=int, default=100, help="figure resolution: 100 gives 1200 pixels across")
     p.add_argument(
         "--palette", action="store_true", help="save the figure with 256 colours: less than half the bytes (docs/)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --overlay_dir, or over a --figure, that this script did not write",
     )
     return p.parse_args(argv)
 
@@ -120,7 +126,7 @@ def draw_figure(rows, labelled, out, dpi=100, palette=False):
             ax.set_title(f"{name}: {title}" if title == titles[0] else title, fontsize=10)
             ax.axis("off")
     fig.tight_layout()
-    save_figure(fig, out, "the figure", palette)
+    save_figure(fig, out, "figure", palette)
 
 
 def check_outputs(args, overlay_dir, figure):
@@ -133,6 +139,8 @@ def check_outputs(args, overlay_dir, figure):
             raise DataError(f"{overlay_dir}: --overlay_dir is {kept}, whose masks it would overwrite; choose another")
     check_output_dir(overlay_dir, "--overlay_dir")
     check_output_dir(os.path.dirname(os.path.abspath(figure)), "--figure")
+    claim_folder(overlay_dir, "--overlay_dir", OVERLAYS, args.overwrite)
+    claim_file(figure, "--figure", "figure", args.overwrite)
 
 
 def main(argv=None):
@@ -140,17 +148,22 @@ def main(argv=None):
     check_flags(args, positive=("n", "dpi"), non_negative=("max_side",))
     overlay_dir = args.overlay_dir or os.path.join(args.res_path, "overlay")
     figure = args.figure or os.path.join(args.res_path, "figure.png")
+    check_finished(args.res_path, "run.json", "--res_path")
     args.image_path = args.image_path or image_path_from_run(args.res_path)
     check_outputs(args, overlay_dir, figure)
     names = slice_names(args.image_path)[: args.n]
     slices = [(name, *load_slice(args, name)) for name in names]  # everything checked before writing
 
     make_output_dir(overlay_dir, "--overlay_dir")
+    written = [os.path.splitext(name)[0] + ".png" for name, *_ in slices]
+    record = dict(res_path=args.res_path, image_path=args.image_path)
+    start_output(overlay_dir, OVERLAYS, written, **record)  # the earlier overlays go: none is mixed with these
     rows = []
-    for name, image, prob, mask, label in slices:
+    for (name, image, prob, mask, label), out_name in zip(slices, written):
         over = overlay(image, mask)
-        write_png(os.path.join(overlay_dir, os.path.splitext(name)[0] + ".png"), shrink(over, args.max_side))
+        write_png(os.path.join(overlay_dir, out_name), shrink(over, args.max_side))
         rows.append((name, image, prob, mask, label, over))
+    finish_output(overlay_dir, OVERLAYS, written, **record)
     draw_figure(rows, args.label_path is not None, figure, args.dpi, args.palette)
     print(f"{len(rows)} overlays in {overlay_dir}/, figure {figure}")
 

@@ -11,8 +11,10 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402  (comes with matplotlib)
+from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
 from isbi_unet.errors import DataError, atomic_write  # noqa: E402
+from isbi_unet.outputs import KIND_KEY  # noqa: E402
 
 LOSSES = {"train_loss": "train loss", "val_loss": "validation loss"}
 METRICS = {"v_rand": "V_rand", "v_info": "V_info", "pixel_error": "pixel error"}
@@ -71,23 +73,26 @@ def plot_losses(columns, out):
         axes[0, 1].set_title("validation: V_rand, V_info higher, pixel error lower is better", fontsize=9)
     fig.tight_layout()
     labels = [[line.get_label() for line in ax.get_lines()] for ax in axes[0]]
-    save_figure(fig, out, "the plot")
+    save_figure(fig, out, "loss plot")
     return labels
 
 
-def save_figure(fig, out, what, palette=False):
+def save_figure(fig, out, kind, palette=False):
     """Writes `fig` to PNG `out` and closes it; a failed write is a WriteError naming `out`.
 
+    kind: stored in the PNG (isbi_unet.outputs), so a later run knows the file as its own to replace.
     palette: quantise to 256 colours, for figures of grey panels with one tint, which a noisy EM slice
     otherwise keeps from compressing.
     """
     try:
-        with atomic_write(out, what) as tmp:  # a full disk must not leave half a PNG in place of the old one
+        with atomic_write(out, f"the {kind}") as tmp:  # a full disk must not leave half a PNG in place of the old
             if palette:
                 buffer = io.BytesIO()
                 fig.savefig(buffer, format="png")
-                Image.open(buffer).convert("RGB").quantize(256).save(tmp, format="png", optimize=True)
+                info = PngInfo()
+                info.add_text(KIND_KEY, kind)
+                Image.open(buffer).convert("RGB").quantize(256).save(tmp, format="png", optimize=True, pnginfo=info)
             else:
-                fig.savefig(tmp, format="png")
+                fig.savefig(tmp, format="png", metadata={KIND_KEY: kind})
     finally:
         plt.close(fig)

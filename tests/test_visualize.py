@@ -31,7 +31,7 @@ def test_overlays_and_figure_without_labels(predicted):
     data, res = predicted
     out = run("visualize.py", "--res_path", res).stdout  # the images' folder comes from run.json
     assert f"3 overlays in {res / 'overlay'}/" in out
-    assert sorted(os.listdir(res / "overlay")) == ["0.png", "1.png", "2.png"]  # --n 3, natural order
+    assert sorted(os.listdir(res / "overlay")) == ["0.png", "1.png", "2.png", "overlay.json"]  # --n 3, natural order
     image = cv2.imread(f"{data}/train/image/1.png", cv2.IMREAD_GRAYSCALE).astype(int)
     over = cv2.imread(str(res / "overlay" / "1.png")).astype(int)
     mask = cv2.imread(str(res / "1.png"), cv2.IMREAD_GRAYSCALE)
@@ -55,7 +55,7 @@ def test_figure_with_labels_and_shrunk_overlays(predicted, tmp_path):
     out = ["--figure", tmp_path / "fig.png", "--overlay_dir", tmp_path / "ov", "--max_side", 24]
     run("visualize.py", "--res_path", res, *labelled(data), "--n", 2, *out)
     assert cv2.imread(str(tmp_path / "fig.png")).shape[:2] == (620, 1200)
-    assert sorted(os.listdir(tmp_path / "ov")) == ["0.png", "1.png"]
+    assert sorted(os.listdir(tmp_path / "ov")) == ["0.png", "1.png", "overlay.json"]
     assert cv2.imread(str(tmp_path / "ov" / "0.png")).shape == (24, 24, 3)
 
 
@@ -123,7 +123,6 @@ def test_test_sh_hands_the_results_folder_to_visualize(tmp_path, args, res):
 @pytest.mark.parametrize("palette", [[], ["--palette"]])
 def test_a_figure_that_cannot_be_written_is_one_line_naming_it(predicted, palette):
     data, res = predicted
-    (res / "figure.png").mkdir()
-    assert_fails(
-        run("visualize.py", "--res_path", res, *palette, check=False), res / "figure.png", "cannot write the figure"
-    )
+    (res / "figure.png").mkdir()  # with --overwrite it passes every check, then the write itself fails
+    proc = run("visualize.py", "--res_path", res, "--overwrite", *palette, check=False)
+    assert_fails(proc, res / "figure.png", "cannot write the figure")

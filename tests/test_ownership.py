@@ -1,0 +1,132 @@
+"""Every output has one owner (isbi_unet/outputs.py): nothing a script did not make is written over or mixed."""
+
+import json
+import os
+
+import pytest
+
+from conftest import assert_fails, run, snapshot, write_dataset
+from isbi_unet.errors import DataError
+from isbi_unet.figures import plot_losses, read_log
+from isbi_unet.outputs import (
+    check_finished,
+    claim_file,
+    claim_folder,
+    finish_output,
+    start_output,
+    written_kind,
+)
+
+LOG = "epoch,train_loss\n1,0.5\n2,0.4\n"
+
+
+def own_run(folder, names, finished=True):
+    """A folder as a script leaves it: its files and its record listing them."""
+    start_output(str(folder), "run.json", names)
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    if finished:
+        finish_output(str(folder), "run.json", names)
+
+
+@pytest.mark.parametrize("state", ["absent", "empty", "own"])
+def test_a_new_empty_or_own_folder_is_claimed(tmp_path, state):
+    folder = tmp_path / "out"
+    if state != "absent":
+        folder.mkdir()
+    if state == "own":
+        own_run(folder, ["0.png", "1.png"])
+    claim_folder(str(folder), "--out", "run.json")
+
+
+@pytest.mark.parametrize("extra", ["mine.png", ".hidden", "notes"])
+def test_a_folder_with_anything_else_is_refused_naming_it(tmp_path, extra):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    own_run(folder, ["0.png"])
+    (folder / extra).mkdir() if extra == "notes" else (folder / extra).write_text("theirs")
+    with pytest.raises(DataError, match=f"--out holds files this script did not write \\({extra}\\)"):
+        claim_folder(str(folder), "--out", "run.json")
+    claim_folder(str(folder), "--out", "run.json", overwrite=True)
+
+
+def test_a_foreign_record_of_the_same_name_is_not_ours(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "run.json").write_text('{"my": "own file"}')
+    with pytest.raises(DataError, match=r"run\.json"):
+        claim_folder(str(folder), "--out", "run.json")
+
+
+def test_the_earlier_output_goes_as_a_whole_and_the_users_files_stay(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    own_run(folder, ["0.png", "1.png", "2.png"])
+    (folder / "mine.txt").write_text("theirs")  # allowed in with --overwrite
+    start_output(str(folder), "run.json", ["0.png"])
+    assert sorted(os.listdir(folder)) == ["mine.txt", "run.json"]
+    assert json.loads((folder / "run.json").read_text())["finished"] is False
+
+
+def test_a_run_cut_short_is_replaced_by_a_rerun_and_refused_by_readers(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    own_run(folder, ["0.png", "1.png"], finished=False)
+    with pytest.raises(DataError, match="unfinished"):
+        check_finished(str(folder), "run.json", "--res_path")
+    claim_folder(str(folder), "--out", "run.json")  # not blocked by its own leftovers
+    finish_output(str(folder), "run.json", ["0.png", "1.png"])
+    check_finished(str(folder), "run.json", "--res_path")
+
+
+def test_a_file_output_replaces_only_its_own_kind(tmp_path):
+    plot = tmp_path / "loss.png"
+    (tmp_path / "log.csv").write_text(LOG)
+    plot_losses(read_log(str(tmp_path / "log.csv")), str(plot))
+    assert written_kind(str(plot)) == "loss plot"
+    claim_file(str(plot), "--out", "loss plot")
+    with pytest.raises(DataError, match="--figure exists and is not a figure"):
+        claim_file(str(plot), "--figure", "figure")
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DataError, match="--out exists"):
+        claim_file(str(photo), "--out", "loss plot")
+    claim_file(str(photo), "--out", "loss plot", overwrite=True)
+
+
+def test_plot_keeps_a_users_png_and_redraws_its_own(tmp_path):
+    (tmp_path / "log.csv").write_text(LOG)
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"a user's picture")
+    assert_fails(run("plot.py", "--log", tmp_path / "log.csv", "--out", mine, check=False), mine, "--overwrite")
+    assert mine.read_bytes() == b"a user's picture"
+    run("plot.py", "--log", tmp_path / "log.csv")  # loss.png beside the log: new
+    run("plot.py", "--log", tmp_path / "log.csv")  # and again: its own
+    run("plot.py", "--log", tmp_path / "log.csv", "--out", mine, "--overwrite")
+    assert written_kind(str(mine)) == "loss plot"
+
+
+def test_visualize_never_mixes_overlays_or_writes_over_a_users_folder(tmp_path):
+    data = write_dataset(str(tmp_path / "data"), n_train=1, n_test=4)
+    res = tmp_path / "res"
+    res.mkdir()
+    for i in range(4):  # masks and probabilities as predict_unet_test.py writes them
+        image = f"{data}/test/{i}.png"
+        (res / "prob").mkdir(exist_ok=True)
+        for target in (res / f"{i}.png", res / "prob" / f"{i}.png"):
+            target.write_bytes(open(image, "rb").read())
+    flags = ["--res_path", res, "--image_path", f"{data}/test"]
+    run("visualize.py", *flags, "--n", 4)
+    run("visualize.py", *flags, "--n", 2)
+    assert sorted(os.listdir(res / "overlay")) == ["0.png", "1.png", "overlay.json"]  # not 2 new beside 2 old
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.png").write_bytes(b"x")
+    before = snapshot(theirs)
+    proc = run("visualize.py", *flags, "--overlay_dir", theirs, check=False)
+    assert_fails(proc, theirs, "--overlay_dir", "keep.png")
+    assert snapshot(theirs) == before
+    figure = tmp_path / "figure.png"
+    figure.write_bytes(b"a user's figure")
+    assert_fails(run("visualize.py", *flags, "--figure", figure, check=False), figure, "--figure")
+    assert figure.read_bytes() == b"a user's figure"
