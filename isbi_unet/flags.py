@@ -20,7 +20,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        shown = not hidden and "%(default)" not in text
         return f"{text} (default: %(default)s)" if shown and action.option_strings else text
 
 
@@ -33,12 +34,14 @@ class Parser(argparse.ArgumentParser):
         return super().parse_known_args([self.snake_case(arg) for arg in argv], namespace)
 
     def snake_case(self, arg):
-        """`--data-path[=X]` becomes `--data_path[=X]` when that is one of this parser's flags."""
+        """`--data-path[=X]` becomes `--data_path[=X]`, and `--test-data-path` the article's `--Test_Data_path`,
+        when that is one of this parser's flags."""
         if not arg.startswith("--") or "-" not in arg[2:].split("=", 1)[0]:
             return arg
         flag, eq, value = arg.partition("=")
         snake = "--" + flag[2:].replace("-", "_")
-        return snake + eq + value if snake in self._option_string_actions else arg
+        declared = {option.lower(): option for option in self._option_string_actions}
+        return declared[snake.lower()] + eq + value if snake.lower() in declared else arg
 
     def error(self, message):
         fail(f"error: {message}; see --help", BAD_INPUT)

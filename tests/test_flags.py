@@ -11,6 +11,8 @@ def parser():
     p.add_argument("--data_path", default="data/train", help="where")
     p.add_argument("--epochs", type=int, help="passes (recipe default)")
     p.add_argument("--tta", action="store_true", help="flips")
+    p.add_argument("--tile", type=int, default=0, help="tile side; 0 = none")
+    p.add_argument("--Test_Data_path", default="data/test", help="images")
     return p
 
 
@@ -19,13 +21,18 @@ def test_both_spellings(argv):
     assert parser().parse_args(argv).data_path == "x"
 
 
+@pytest.mark.parametrize("flag", ["--Test_Data_path", "--test-data-path", "--Test-Data-Path"])
+def test_the_articles_capitals_need_not_be_typed_in_kebab(flag):
+    assert parser().parse_args([flag, "x"]).Test_Data_path == "x"
+
+
 def test_a_kebab_value_is_left_alone():
     assert parser().parse_args(["--data_path=--my-dir"]).data_path == "--my-dir"
 
 
 def test_help_shows_defaults_but_not_none_or_false():
     text = parser().format_help()
-    assert "where (default: data/train)" in text
+    assert "where (default: data/train)" in text and "0 = none (default: 0)" in text
     assert "(recipe default)\n" in text and "default: None" not in text and "default: False" not in text
 
 

@@ -130,3 +130,16 @@ def test_visualize_never_mixes_overlays_or_writes_over_a_users_folder(tmp_path):
     figure.write_bytes(b"a user's figure")
     assert_fails(run("visualize.py", *flags, "--figure", figure, check=False), figure, "--figure")
     assert figure.read_bytes() == b"a user's figure"
+
+
+def test_evaluate_refuses_the_maps_of_a_prediction_that_was_stopped(tmp_path):
+    data = write_dataset(str(tmp_path / "data"), n_train=2, n_test=0)
+    res = tmp_path / "res"
+    (res / "prob").mkdir(parents=True)
+    for name in ("0.png", "1.png"):
+        (res / "prob" / name).write_bytes(open(f"{data}/train/label/{name}", "rb").read())
+    start_output(str(res), "run.json", ["prob"])  # stopped before finish_output
+    proc = run("evaluate.py", "--prob_dir", res / "prob", "--label_dir", f"{data}/train/label", check=False)
+    assert_fails(proc, res, "unfinished")
+    finish_output(str(res), "run.json", ["prob"])
+    assert "v_rand" in run("evaluate.py", "--prob_dir", res / "prob", "--label_dir", f"{data}/train/label").stdout
