@@ -65,6 +65,7 @@ def test_a_process_loads_each_checkpoint_once_however_many_slices(checkpoints, i
     spec = Spec(tuple(checkpoints))
     predictor.worker_predictor.cache_clear()  # a fresh worker process
     maps = [predictor.predict_in_worker(spec, image) for _ in range(3)]
+    predictor.worker_predictor.cache_clear()  # its models, let go
     assert loads == checkpoints
     np.testing.assert_array_equal(maps[2], Predictor.open(spec)(image))
 
