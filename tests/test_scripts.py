@@ -177,12 +177,11 @@ def test_prediction_workers_write_the_same_results_as_one_process(data, trained,
 
 def test_one_process_loads_each_checkpoint_once(data, trained, tmp_path, monkeypatch):
     import predict_unet_test
+    from isbi_unet import checkpoint
 
     loads = []
-    load_model = predict_unet_test.load_model
-    monkeypatch.setattr(
-        predict_unet_test, "load_model", lambda path, device: loads.append(path) or load_model(path, device)
-    )
+    load_model = checkpoint.load_model
+    monkeypatch.setattr(checkpoint, "load_model", lambda path, device: loads.append(path) or load_model(path, device))
     args = ["--Test_Data_path", f"{data}/test", "--save_res_path", tmp_path / "res", "--workers", 1]
     predict_unet_test.main([str(a) for a in ["--checkpoint", trained / "best", trained / "last", *args]])
     assert loads == [str(trained / "best"), str(trained / "last")]
