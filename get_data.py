@@ -127,6 +127,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if is_complete(args.data_dir):
         return
+    from_env = bool(os.environ.get("ISBI_DATA"))
+    if from_env and not os.path.isdir(args.source):
+        raise DataError(f"{args.source}: ISBI_DATA points to no folder")
+    if os.path.isdir(args.source):
+        check_apart(args.data_dir, "--data_dir", [(args.source, "--source")])
     others = others_parts(args.data_dir)
     if others:  # the user's own slices: neither replaced nor mixed with the challenge's
         found = ", ".join(os.path.join(args.data_dir, part) for part in others)
@@ -135,11 +140,6 @@ def main(argv=None):
             f"train/label and test there yourself, or get the ISBI 2012 slices with --data_dir NEW_FOLDER"
         )
         return
-    from_env = bool(os.environ.get("ISBI_DATA"))
-    if from_env and not os.path.isdir(args.source):
-        raise DataError(f"{args.source}: ISBI_DATA points to no folder")
-    if os.path.isdir(args.source):
-        check_apart(args.data_dir, "--data_dir", [(args.source, "--source")])
     os.makedirs(args.data_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".incoming-", dir=args.data_dir)
     try:

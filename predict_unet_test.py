@@ -21,7 +21,8 @@ A path ending in .onnx (export_onnx.py) runs in ONNX Runtime instead of OneFlow,
 CPU (docs/deploy.md); its input size is fixed at export, so an image of another size goes through
 overlap-tile inference at that size (one line says so).
 save_res_path/run.json records the checkpoint, the settings and the versions, device and code commit
-that produced the masks.
+that produced the masks, and which files are the results: a later run into the same folder replaces them
+as a whole, and a folder holding anything else is refused (--overwrite writes there anyway).
 """
 
 from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
@@ -40,10 +41,14 @@ from isbi_unet.errors import DataError, check_apart, check_flags, check_output_d
 from isbi_unet.flags import Parser
 from isbi_unet.images import read_label, read_slice, slice_names, slice_path, write_png
 from isbi_unet.metrics import print_scores
+from isbi_unet.outputs import claim_folder, start_output
 from isbi_unet.predictor import Predictor, Spec, predict_all, threads_per_process, uses_every_core
 from isbi_unet.record import write_json_record
 from isbi_unet.stacks import is_stack, write_stack
 from isbi_unet.tiling import check_tiling, write_isbi_tiff
+
+RECORD = "run.json"  # what produced the results, and which files in save_res_path they are
+STACKS = ("prob.tif", "mask.tif")
 
 
 def parse_args(argv=None):
@@ -81,16 +86,23 @@ def parse_args(argv=None):
         help="processes sharing the slices (default: 1 on CUDA or with only .onnx models, whose ONNX Runtime "
         "uses every core itself; else one per CPU core, at most 4)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a --save_res_path that holds files this script did not write (its own earlier output "
+        "is always replaced as a whole)",
+    )
     return p.parse_args(argv)
 
 
 def check_outputs(args):
-    """--save_res_path can be made and written, and lies apart from every input."""
+    """--save_res_path can be made and written, lies apart from every input, and holds nothing of anyone else's."""
     if not 0.0 < args.threshold < 1.0:
         raise DataError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
     inputs = [(args.Test_Data_path, "--Test_Data_path"), (args.label_path, "--label_path")]
     check_apart(args.save_res_path, "--save_res_path", inputs + [(c, "--checkpoint") for c in args.checkpoint])
     check_output_dir(args.save_res_path, "--save_res_path")
+    claim_folder(args.save_res_path, "--save_res_path", RECORD, args.overwrite)
 
 
 def output_names(folder, names):
@@ -161,8 +173,9 @@ def write_stacks(args, probs):
         return
     write_isbi_tiff(os.path.join(args.save_res_path, "submission.tif"), probs)
     if is_stack(args.Test_Data_path):
-        write_stack(os.path.join(args.save_res_path, "prob.tif"), [to_png_prob(p) for p in probs])
-        write_stack(os.path.join(args.save_res_path, "mask.tif"), [to_mask(p, args.threshold) for p in probs])
+        prob_tif, mask_tif = (os.path.join(args.save_res_path, name) for name in STACKS)
+        write_stack(prob_tif, [to_png_prob(p) for p in probs])
+        write_stack(mask_tif, [to_mask(p, args.threshold) for p in probs])
 
 
 def main(argv=None):
@@ -173,6 +186,8 @@ def main(argv=None):
     names, out_names, images, labels = read_inputs(args)
     check_tiling(args.tile, args.overlap, 1)
     predictor = open_predictor(args, device, len(images))
+    outputs = [*out_names, "prob", "submission.tif", *(STACKS if is_stack(args.Test_Data_path) else ())]
+    start_output(args.save_res_path, RECORD, outputs, args=vars(args))  # the earlier results go as a whole
     prob_dir = os.path.join(args.save_res_path, "prob")
     make_output_dir(prob_dir, "--save_res_path")
 
@@ -184,8 +199,8 @@ def main(argv=None):
     seconds = time.time() - t0
     write_stacks(args, probs)
     checkpoint = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint  # as run.json always had
-    record = {"args": {**vars(args), "checkpoint": checkpoint}, **predictor.record()}
-    write_json_record(os.path.join(args.save_res_path, "run.json"), record, device)
+    record = {"args": {**vars(args), "checkpoint": checkpoint}, **predictor.record(), "finished": True}
+    write_json_record(os.path.join(args.save_res_path, RECORD), {**record, "outputs": sorted(outputs)}, device)
     print(
         f"{len(names)} masks in {args.save_res_path}/, probabilities in {prob_dir}/ ({predictor.describe()}, "
         f"{seconds:.1f}s on {device} x {args.workers} process(es){predictor.describe_settings()})"

@@ -143,3 +143,27 @@ def test_evaluate_refuses_the_maps_of_a_prediction_that_was_stopped(tmp_path):
     assert_fails(proc, res, "unfinished")
     finish_output(str(res), "run.json", ["prob"])
     assert "v_rand" in run("evaluate.py", "--prob_dir", res / "prob", "--label_dir", f"{data}/train/label").stdout
+
+
+def test_predictions_replace_their_own_earlier_results_as_a_whole_and_keep_a_users(data, trained, tmp_path):
+    from conftest import predict_script
+
+    res = tmp_path / "res"
+    predict_script(trained / "best", f"{data}/test", res)  # 3 slices
+    run("visualize.py", "--res_path", res, "--n", 2)
+    two = tmp_path / "two"
+    os.makedirs(two)
+    for name in ("0.png", "1.png"):
+        os.link(f"{data}/test/{name}", two / name)
+    predict_script(trained / "best", two, res)  # 2 slices from another folder: no third mask, no stale overlay
+    assert sorted(os.listdir(res)) == ["0.png", "1.png", "prob", "run.json", "submission.tif"]
+    assert sorted(os.listdir(res / "prob")) == ["0.png", "1.png"]
+    record = json.loads((res / "run.json").read_text())
+    assert record["finished"] is True and "2.png" not in record["outputs"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "0.png").write_bytes(b"a user's own")
+    (mine / "run.json").write_text("{}")
+    before = snapshot(mine)
+    assert_fails(predict_script(trained / "best", two, mine, check=False), mine, "--save_res_path", "--overwrite")
+    assert snapshot(mine) == before

@@ -65,7 +65,7 @@ def test_scores_against_a_label_stack_and_draws_it(challenge, trained, tmp_path)
     table = run("evaluate.py", "--prob_dir", res / "prob", "--label_dir", labels).stdout
     assert table.splitlines()[-1] == out.splitlines()[-1]  # the same scores from the saved maps
     run("visualize.py", "--res_path", res, "--label_path", labels, "--n", 2)  # the stack named in run.json
-    assert sorted(os.listdir(res / "overlay")) == ["0.png", "1.png"]
+    assert sorted(os.listdir(res / "overlay")) == ["0.png", "1.png", "overlay.json"]
 
 
 def test_a_stack_inside_a_folder_is_never_read_as_its_first_page(data, trained, tmp_path):
