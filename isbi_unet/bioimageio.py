@@ -199,12 +199,12 @@ def describe(folder, state, author):
 
 
 def first_failure(summary):
-    """The first failed check of a bioimageio ValidationSummary as one line."""
+    """The first failed check of a bioimageio ValidationSummary, its first sentence on one line."""
     for detail in summary.details:
         if detail.status == "failed":
             errors = [f"{'.'.join(map(str, e.loc))}: {e.msg}" if e.loc else e.msg for e in detail.errors]
-            text = f"{detail.name}: {errors[0] if errors else 'failed'}"
-            return " ".join(text.split())[:400]
+            text = " ".join(f"{detail.name}: {errors[0] if errors else 'failed'}".split())
+            return text.split(". ")[0]
     return summary.status
 
 
