@@ -51,11 +51,11 @@ def parse_args(argv=None):
         "--out", help=f"the ONNX file to write, named .onnx (default: {DEFAULT_OUT}, or none with --bioimageio)"
     )
     p.add_argument(
-        "--bioimageio", help="also write a bioimage.io model package (.zip) for Fiji, napari, ilastik; see docs"
+        "--bioimageio", help="write a bioimage.io model package (.zip) for Fiji and napari (docs/bioimageio.md)"
     )
     p.add_argument("--author", default=bio.DEFAULT_AUTHOR, help="the package's author (with --bioimageio)")
     p.add_argument(
-        "--size", type=int, default=512, help="side of the square input the model is traced and checked at (16k)"
+        "--size", type=int, default=512, help="side of the square input it is traced and checked at, a multiple of 16"
     )
     p.add_argument(
         "--check_data",
