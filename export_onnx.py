@@ -1,15 +1,19 @@
 """Export a trained checkpoint to ONNX with OneFlow's own converter (oneflow-onnx), then check it against OneFlow.
 
-    python3 export_onnx.py --checkpoint checkpoints/best --out unet.onnx             # 1x1x512x512 input
-    python3 export_onnx.py --checkpoint checkpoints/best --out unet256.onnx --size 256
+    python3 export_onnx.py --checkpoint checkpoints/best --out unet.onnx     # any Nx1xHxW, H and W multiples of 16
+    python3 export_onnx.py --checkpoint checkpoints/best --bioimageio isbi-membrane-unet.zip   # docs/bioimageio.md
     python3 predict_unet_test.py --checkpoint unet.onnx --Test_Data_path data/test --save_res_path results_onnx
 
 The model (sigmoid included: the output is the cell probability) is compiled as an nn.Graph at 1x1xSIZExSIZE
-and converted; its metadata_props then get the model config, the input size and the preprocessing
-(isbi_unet/onnx_backend.py), so the .onnx file alone is enough to predict. ONNX Runtime and OneFlow then
-both predict a real slice (the first of --check_data, mirrored or cropped to SIZE); the max difference of
-their probabilities is printed, and above --tolerance the export is discarded with exit code 2. The file
-appears only once checked (written to a temporary file beside it, then renamed).
+and converted. The converter writes each up-convolution's pixel shuffle as reshapes to the traced shape;
+they become ONNX DepthToSpace, so batch, height and width are free in the file (opset 11 or more, the
+lowest IR version that opset allows, which older ONNX Runtimes such as deepImageJ's can read). Its
+metadata_props get the model config, the traced size and the preprocessing (isbi_unet/onnx_backend.py),
+so the .onnx file alone is enough to predict. ONNX Runtime and OneFlow then both predict a real slice (the
+first of --check_data, mirrored or cropped to SIZE, and a batch of two smaller non-square crops); the max
+difference of their probabilities is printed, and above --tolerance the export is discarded with exit
+code 2. The file appears only once checked (written to a temporary file beside it, then renamed).
+With --bioimageio the checked model also becomes a bioimage.io package (isbi_unet/bioimageio.py).
 """
 
 from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
@@ -20,46 +24,74 @@ if __name__ == "__main__":
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 
 import numpy as np
 import oneflow as flow
 
+from isbi_unet import bioimageio as bio
 from isbi_unet import onnx_backend as ob
 from isbi_unet.checkpoint import load_model
 from isbi_unet.errors import DataError, atomic_write, check_apart, check_flags, check_output_dir, run_main
 from isbi_unet.images import preprocess, read_slice, slice_names
 from isbi_unet.tiling import POOL
 
+DEFAULT_OUT = "unet.onnx"
+MIN_OPSET = 11  # DepthToSpace's CRD mode, the up-convolutions' pixel shuffle
+PIXEL_SHUFFLE = [0, 1, 4, 2, 5, 3]  # unet.UpConv2x2's permute: (n, o, 2, 2, h, w) -> (n, o, h, 2, w, 2)
+FREE_DIMS = {0: "batch", 2: "height", 3: "width"}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/best", help="checkpoint directory written by training")
-    p.add_argument("--out", default="unet.onnx", help="the ONNX file to write (name it .onnx)")
-    p.add_argument("--size", type=int, default=512, help="side of the square input, a multiple of 16")
+    p.add_argument(
+        "--out", help=f"the ONNX file to write, named .onnx (default: {DEFAULT_OUT}, or none with --bioimageio)"
+    )
+    p.add_argument(
+        "--bioimageio", help="write a bioimage.io model package (.zip) for Fiji and napari (docs/bioimageio.md)"
+    )
+    p.add_argument("--author", default=bio.DEFAULT_AUTHOR, help="the package's author (with --bioimageio)")
+    p.add_argument(
+        "--size", type=int, default=512, help="side of the square input it is traced and checked at, a multiple of 16"
+    )
     p.add_argument(
         "--check_data",
         "--check-data",
         default="data/test",
-        help="folder of images or TIFF stack whose first slice checks ONNX Runtime against OneFlow",
+        help="folder of images or TIFF stack whose first slice checks ONNX Runtime against OneFlow "
+        "(and is the package's test image and cover)",
     )
     p.add_argument(
         "--tolerance", type=float, default=1e-4, help="largest allowed difference of probabilities in the check"
     )
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the converter's)")
-    return p.parse_args(argv)
+    p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, {MIN_OPSET} (DepthToSpace) or more")
+    args = p.parse_args(argv)
+    if args.out is None and args.bioimageio is None:
+        args.out = DEFAULT_OUT
+    return args
 
 
 def check_args(args):
-    check_flags(args, positive=("size", "tolerance", "opset"))
+    check_flags(args, positive=("size", "tolerance"))
     if args.size % POOL:
         raise DataError(f"--size must be a multiple of {POOL} (four 2x2 poolings), got {args.size}")
-    if not ob.is_onnx(args.out):
+    if args.opset < MIN_OPSET:
+        raise DataError(f"--opset must be {MIN_OPSET} or more (DepthToSpace's CRD mode), got {args.opset}")
+    if args.out is not None and not args.out.lower().endswith(".onnx"):
         raise DataError(f"{args.out}: name the ONNX file .onnx (predict_unet_test.py picks ONNX Runtime by it)")
-    check_apart(args.out, "--out", [(args.checkpoint, "--checkpoint"), (args.check_data, "--check_data")])
-    check_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
+    if args.bioimageio is not None and not ob.is_package(args.bioimageio):
+        raise DataError(f"{args.bioimageio}: name the bioimage.io package .zip")
+    inputs = [(args.checkpoint, "--checkpoint"), (args.check_data, "--check_data")]
+    for path, flag in ((args.out, "--out"), (args.bioimageio, "--bioimageio")):
+        if path is not None:
+            check_apart(path, flag, inputs)
+            check_output_dir(os.path.dirname(os.path.abspath(path)), flag)
     ob.import_onnxruntime()  # before the slow part: without it there is nothing to check against
+    if args.bioimageio is not None:
+        bio.import_core()
 
 
 def import_converter():
@@ -101,8 +133,74 @@ def convert(model, size, path, opset=None):
             sys.stdout = stdout
 
 
+def perm(node):
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def pixel_shuffles(graph):
+    """(reshape, transpose, reshape) triples of the converted UpConv2x2 pixel shuffles, each a private chain."""
+    producer = {out: node for node in graph.node for out in node.output}
+    users = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    triples = []
+    for node in graph.node:
+        if node.op_type != "Transpose" or perm(node) != PIXEL_SHUFFLE:
+            continue
+        before, after = producer.get(node.input[0]), users.get(node.output[0], [])
+        if before is not None and before.op_type == "Reshape" and len(users[before.output[0]]) == 1:
+            if len(after) == 1 and after[0].op_type == "Reshape":
+                triples.append((before, node, after[0]))
+    return triples
+
+
+def to_depth_to_space(model):
+    """Each pixel shuffle as one DepthToSpace(2, CRD): the same permutation, with no traced shape in it."""
+    from onnx import helper
+
+    graph = model.graph
+    replaced = {}
+    for before, transpose, after in pixel_shuffles(graph):
+        d2s = helper.make_node(
+            "DepthToSpace", [before.input[0]], [after.output[0]], name=transpose.name, blocksize=2, mode="CRD"
+        )
+        replaced[before.name], replaced[transpose.name], replaced[after.name] = d2s, None, None
+    nodes = [replaced.get(n.name, n) for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(n for n in nodes if n is not None)
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]  # the dropped reshapes' shape constants go
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return len(replaced) // 3
+
+
+def free_sizes(path, opset):
+    """Rewrites the converted file in place so that batch, height and width are free; DataError if it cannot."""
+    import onnx
+
+    model = onnx.load(path)
+    shuffles = to_depth_to_space(model)
+    left = [n.name for n in model.graph.node if n.op_type == "Reshape"]
+    if left:  # a shape the converter fixed at the traced size, in a pattern not known here
+        raise DataError(f"the converted graph keeps {len(left)} reshape(s) to the traced size ({left[0]})")
+    del model.graph.value_info[:]  # intermediate shapes recorded at the traced size
+    for value in (*model.graph.input, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for axis, name in FREE_DIMS.items():
+            dims[axis].dim_param = name  # replaces dim_value (a oneof)
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = max(op.version, opset)
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import))
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return shuffles
+
+
 def add_metadata(path, state, size, checkpoint):
-    """Model config, input size, preprocessing and provenance into metadata_props, in place."""
+    """Model config, traced size, preprocessing and provenance into metadata_props, in place."""
     import onnx
 
     model = onnx.load(path)
@@ -120,20 +218,44 @@ def add_metadata(path, state, size, checkpoint):
     onnx.save(model, path)
 
 
-def check_slice(source, size):
-    """The first slice of `source`, preprocessed, mirrored or cropped to 1x1xSIZExSIZE."""
-    image = preprocess(read_slice(source, slice_names(source)[0]))[0]
-    reps = (-(-size // image.shape[0]), -(-size // image.shape[1]))
-    image = np.pad(image, [(0, (r - 1) * n) for r, n in zip(reps, image.shape)], mode="symmetric")
-    return np.ascontiguousarray(image[:size, :size])[None, None]
+def first_slice(source):
+    """The first slice of `source`, uint8 HxW, as read for prediction."""
+    return read_slice(source, slice_names(source)[0])
 
 
-def max_difference(model, path, x):
-    """Largest |ONNX Runtime - OneFlow| of the probabilities of x."""
+def check_inputs(image, size):
+    """The preprocessed slice mirrored or cropped to 1x1xSIZExSIZE, and a batch of two non-square crops
+    (its two corners) of about half that, so that free batch, height and width are all exercised."""
+    x = preprocess(image)[0]
+    reps = (-(-size // x.shape[0]), -(-size // x.shape[1]))
+    x = np.pad(x, [(0, (r - 1) * n) for r, n in zip(reps, x.shape)], mode="symmetric")[:size, :size]
+    h, w = max(POOL, size // 2 // POOL * POOL), max(POOL, size * 3 // 4 // POOL * POOL)
+    crops = np.stack([x[:h, :w], x[-h:, -w:]])[:, None]
+    return [np.ascontiguousarray(x)[None, None], np.ascontiguousarray(crops)]
+
+
+def max_difference(model, path, inputs):
+    """Largest |ONNX Runtime - OneFlow| of the probabilities over the batches `inputs`."""
     session, _ = ob.load_onnx(path)
-    with flow.no_grad():
-        expected = flow.sigmoid(model(flow.tensor(x))).numpy()
-    return float(np.abs(ob.onnx_forward(session)(x) - expected).max())
+    forward = ob.onnx_forward(session)
+    diff = 0.0
+    for x in inputs:
+        with flow.no_grad():
+            expected = flow.sigmoid(model(flow.tensor(x))).numpy()
+        diff = max(diff, float(np.abs(forward(x) - expected).max()))
+    return diff
+
+
+def export(args, model, state, image, path):
+    """Converts, frees the sizes, adds the metadata and checks `path`; DataError when the check fails."""
+    convert(model, args.size, path, args.opset)
+    free_sizes(path, args.opset)
+    add_metadata(path, state, args.size, args.checkpoint)
+    diff = max_difference(model, path, check_inputs(image, args.size))
+    if diff > args.tolerance:
+        out = args.out or args.bioimageio
+        raise DataError(f"{out}: not written, ONNX Runtime differs from OneFlow by {diff:.2e} > {args.tolerance}")
+    return diff
 
 
 def main(argv=None):
@@ -141,20 +263,23 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     model, state = load_model(args.checkpoint, "cpu")
-    x = check_slice(args.check_data, args.size)
-    with atomic_write(args.out, "the ONNX file") as tmp:  # a failed check leaves no file and no temporary
-        convert(model, args.size, tmp, args.opset)
-        add_metadata(tmp, state, args.size, args.checkpoint)
-        diff = max_difference(model, tmp, x)
-        if diff > args.tolerance:
-            raise DataError(
-                f"{args.out}: not written, ONNX Runtime differs from OneFlow by {diff:.2e} > {args.tolerance}"
-            )
+    image = first_slice(args.check_data)
+    with tempfile.TemporaryDirectory() as tmp:  # nothing appears at --out or --bioimageio before its checks pass
+        path = os.path.join(tmp, "weights.onnx")
+        diff = export(args, model, state, image, path)
+        size = os.path.getsize(path) / 1e6
+        if args.bioimageio:
+            bio.write_package(args.bioimageio, path, state, args.checkpoint, image, args.author)
+        if args.out:
+            with atomic_write(args.out, "the ONNX file") as out:
+                shutil.copyfile(path, out)
     print(
-        f"{args.out}: UNet{state['model_config']}, epoch {state.get('epoch')}, input 1x1x{args.size}x{args.size}, "
-        f"{os.path.getsize(args.out) / 1e6:.1f} MB; ONNX Runtime vs OneFlow on a slice of {args.check_data}: "
-        f"max difference of probabilities {diff:.1e}"
+        f"{args.out or 'ONNX'}: UNet{state['model_config']}, epoch {state.get('epoch')}, input Nx1xHxW (H and W "
+        f"multiples of {POOL}; traced at {args.size}x{args.size}), {size:.1f} MB; ONNX Runtime vs OneFlow on "
+        f"{args.check_data}: max difference of probabilities {diff:.1e}"
     )
+    if args.bioimageio:
+        print(f"{args.bioimageio}: bioimage.io model package, passed bioimageio.core's test_model")
 
 
 if __name__ == "__main__":

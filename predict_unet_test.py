@@ -17,9 +17,9 @@ its masks and probabilities also go to save_res_path/mask.tif and prob.tif (uint
 With --label_path (a folder, or a stack) it prints V_rand, V_info and pixel error
 per slice and for the stack (metrics.py). The model is rebuilt from the checkpoint alone; given several
 checkpoints, their cell probabilities are averaged (an ensemble, e.g. of runs with different --seed).
-A path ending in .onnx (export_onnx.py) runs in ONNX Runtime instead of OneFlow, several times faster on a
-CPU (docs/deploy.md); its input size is fixed at export, so an image of another size goes through
-overlap-tile inference at that size (one line says so).
+A path ending in .onnx (export_onnx.py), or a bioimage.io package .zip made by export_onnx.py --bioimageio,
+runs in ONNX Runtime instead of OneFlow, several times faster on a CPU (docs/deploy.md), at any image size
+(an .onnx file exported with a fixed input size tiles other sizes at it, and one line says so).
 save_res_path/run.json records the checkpoint, the settings and the versions, device and code commit
 that produced the masks, and which files are the results: a later run into the same folder replaces them
 as a whole, and a folder holding anything else is refused (--overwrite writes there anyway).
@@ -57,8 +57,8 @@ def parse_args(argv=None):
         "--checkpoint",
         nargs="+",
         default=["checkpoints/best"],
-        help="checkpoint directory written by TrainUnetDataSet.py, or an .onnx file written by export_onnx.py "
-        "(run by ONNX Runtime); several: average their probabilities",
+        help="checkpoint directory written by TrainUnetDataSet.py, or an .onnx file or bioimage.io .zip written by "
+        "export_onnx.py (run by ONNX Runtime); several: average their probabilities",
     )
     p.add_argument(
         "--Test_Data_path",

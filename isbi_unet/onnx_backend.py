@@ -1,12 +1,13 @@
 """ONNX Runtime inference of a model written by export_onnx.py; needs onnxruntime, not OneFlow.
 
     session, state = load_onnx("unet.onnx")      # checked: readable, this repo's metadata, 1 input channel
-    forward = onnx_forward(session)              # numpy Nx1xSxS -> probabilities, for tiling.predict_tiled
-    tile = fixed_tile(image.shape, state["input_size"], requested_tile)
+    session, state = load_onnx("model.zip")      # the same, from a bioimage.io package (isbi_unet/bioimageio.py)
+    forward = onnx_forward(session)              # numpy Nx1xHxW -> probabilities, for tiling.predict_tiled
 
-The file alone is enough to predict: export_onnx.py stores the model config, the input size and the
-preprocessing in its metadata_props (METADATA keys below). The graph has a fixed 1x1xSxS input (OneFlow's
-converter bakes shapes into reshapes), so inputs of another size are tiled at S.
+The file alone is enough to predict: export_onnx.py stores the model config, the traced size and the
+preprocessing in its metadata_props (METADATA keys below). Its batch, height and width are free. Files
+exported before that have a fixed 1x1xSxS input; for them state has "input_size" S, and inputs of another
+size are tiled at S (fixed_tile).
 """
 
 import json
@@ -29,12 +30,17 @@ KEY_FORMAT, KEY_CONFIG, KEY_SIZE, KEY_PREPROCESS, KEY_OUTPUT, KEY_EPOCH, KEY_SOU
     "isbi_unet.source_checkpoint",
 )
 PREPROCESS = "uint8 slice / 255, then (x - mean) / max(std, 1e-6) over the whole slice (isbi_unet.images.preprocess)"
-OUTPUT = "cell probability in [0, 1] (sigmoid included), 1x1xSxS"
+OUTPUT = "cell probability in [0, 1] (sigmoid included), the input's shape"
 INSTALL = "pip install -r requirements-onnx.txt (CPython 3.10+), or `source setup.sh`"
 
 
+def is_package(path):
+    return str(path).lower().endswith(".zip")
+
+
 def is_onnx(path):
-    return str(path).lower().endswith(".onnx")
+    """Whether `path` names a model ONNX Runtime runs: an .onnx file, or a bioimage.io package (.zip) holding one."""
+    return str(path).lower().endswith(".onnx") or is_package(path)
 
 
 def import_onnxruntime():
@@ -45,10 +51,10 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def open_session(path, threads=None):
-    """An ONNX Runtime CPU session for `path`; unreadable files are one DataError."""
+def open_session(path, threads=None, model=None):
+    """An ONNX Runtime CPU session for `path` (or for the bytes `model` read from it); unreadable is one DataError."""
     ort = import_onnxruntime()
-    if not os.path.isfile(path):
+    if model is None and not os.path.isfile(path):
         raise DataError(f"{path}: no such ONNX model")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
@@ -57,14 +63,14 @@ def open_session(path, threads=None):
     # Spinning threads wait faster on an idle machine but lose a third of the speed on a busy one (measured).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path if model is None else model, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # ONNX Runtime raises its own types for truncated or foreign files
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: unreadable ONNX model, truncated or corrupt ({detail})") from None
 
 
 def read_state(path, session):
-    """The checkpoint-like dict (format, model_config, input_size, epoch) from the model's metadata."""
+    """The checkpoint-like dict (format, model_config, export_size, epoch) from the model's metadata."""
     meta = session.get_modelmeta().custom_metadata_map
     if meta.get(KEY_FORMAT) != FORMAT:
         raise DataError(f"{path}: not an export of this repo (no '{FORMAT}' metadata); make one with export_onnx.py")
@@ -72,7 +78,7 @@ def read_state(path, session):
         state = {
             "format": FORMAT,
             "model_config": json.loads(meta[KEY_CONFIG]),
-            "input_size": int(meta[KEY_SIZE]),
+            "export_size": int(meta[KEY_SIZE]),
             "epoch": json.loads(meta.get(KEY_EPOCH, "null")),
         }
     except (KeyError, ValueError) as e:
@@ -80,33 +86,51 @@ def read_state(path, session):
     return state
 
 
+def is_free(dim):
+    return not isinstance(dim, int)  # ONNX Runtime gives a named (symbolic) dimension as a string, or None
+
+
 def check_inputs(path, session, state):
-    """One 1x1xSxS float input and one output of the same shape, as the metadata says."""
+    """One Nx1xHxW float input and one output; a fixed H and W must be the metadata's size (state gets
+    "input_size" then, which makes prediction tile at it)."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    size = state["input_size"]
     if len(inputs) != 1 or len(outputs) != 1 or len(inputs[0].shape) != 4:
         raise DataError(f"{path}: expected one 4-D input and one output, got {len(inputs)} and {len(outputs)}")
-    channels = inputs[0].shape[1]
-    if channels != 1 or state["model_config"].get("n_channels", 1) != 1:
-        raise DataError(f"{path}: the model takes {channels} input channels; EM slices have 1 (greyscale)")
-    if list(inputs[0].shape[2:]) != [size, size]:
-        raise DataError(f"{path}: input shape {inputs[0].shape} does not match its metadata's size {size}")
+    shape = inputs[0].shape
+    if shape[1] != 1 or state["model_config"].get("n_channels", 1) != 1:
+        raise DataError(f"{path}: the model takes {shape[1]} input channels; EM slices have 1 (greyscale)")
+    if is_free(shape[2]) and is_free(shape[3]):
+        return
+    size = state["export_size"]
+    if list(shape[2:]) != [size, size]:
+        raise DataError(f"{path}: input shape {shape} does not match its metadata's size {size}")
+    state["input_size"] = size
 
 
 def load_onnx(path, threads=None):
-    """(session, state) for an export_onnx.py file, checked; state mimics a checkpoint for run.json."""
-    session = open_session(path, threads)
+    """(session, state) for an export_onnx.py file or a package holding one, checked; state mimics a
+    checkpoint for run.json."""
+    model = None
+    if is_package(path):
+        from isbi_unet.bioimageio import read_package  # bioimageio.spec only for packages
+
+        model = read_package(path)
+    session = open_session(path, threads, model)
     state = read_state(path, session)
     check_inputs(path, session, state)
     return session, state
 
 
 def onnx_forward(session):
-    """numpy Nx1xSxS float32 -> probabilities of the same shape, one slice at a time (the graph's batch is 1)."""
+    """numpy Nx1xHxW float32 -> probabilities of the same shape; one slice at a time where the batch is fixed."""
     name = session.get_inputs()[0].name
+    free_batch = is_free(session.get_inputs()[0].shape[0])
 
     def forward(batch):
-        return np.concatenate([session.run(None, {name: x[None]})[0] for x in np.asarray(batch, np.float32)])
+        batch = np.asarray(batch, np.float32)
+        if free_batch:
+            return session.run(None, {name: batch})[0]
+        return np.concatenate([session.run(None, {name: x[None]})[0] for x in batch])
 
     return forward
 

@@ -46,7 +46,8 @@ class OneFlowBackend:
 
 
 class OnnxBackend:
-    """A file written by export_onnx.py, run by ONNX Runtime on the CPU; its input size is fixed at export."""
+    """An export_onnx.py file or bioimage.io package, run by ONNX Runtime on the CPU (at any size, or at the
+    fixed input size of an older export)."""
 
     runtime = "ONNX Runtime"
     uses_every_core = True  # ONNX Runtime's own threads

@@ -13,7 +13,7 @@ from conftest import assert_fails, predict_script, run, user_checkout, write_dat
 onnx = pytest.importorskip("onnx")  # requirements-onnx.txt installs only on CPython 3.10+
 pytest.importorskip("onnxruntime")
 
-SIZE = 48  # write_dataset's slices are 48x48: one pass, no tiles
+SIZE = 48  # the size export_onnx.py traces and checks at; the file then takes any multiple of 16
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +54,34 @@ def test_the_file_carries_config_size_and_preprocessing(exported):
         "width": 4,
     }
     assert "mean" in meta["isbi_unet.preprocess"] and "sigmoid" in meta["isbi_unet.output"]
-    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    assert dims == [1, 1, SIZE, SIZE]
+
+
+def test_the_file_takes_any_size_at_the_lowest_ir_version(exported):
+    model = onnx.load(str(exported))
+    for value in (model.graph.input[0], model.graph.output[0]):
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        assert dims == ["batch", 1, "height", "width"]
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("DepthToSpace") == 4 and "Reshape" not in ops  # the 4 up-convolutions' pixel shuffles
+    (opset,) = [op.version for op in model.opset_import if op.domain in ("", "ai.onnx")]
+    assert opset == 11 and model.ir_version == onnx.helper.find_min_ir_version_for(list(model.opset_import)) == 6
+
+
+def test_onnx_runtime_agrees_with_oneflow_at_a_size_other_than_the_exports(exported, trained):
+    import oneflow as flow
+
+    from conftest import make_slice
+    from isbi_unet.checkpoint import load_model
+    from isbi_unet.images import preprocess
+    from isbi_unet.onnx_backend import load_onnx, onnx_forward
+
+    rng = np.random.default_rng(3)
+    x = np.stack([preprocess(make_slice(rng, (128, 192))[0]) for _ in range(2)])  # a batch of 2, 128x192
+    model, _ = load_model(trained / "best")
+    with flow.no_grad():
+        expected = flow.sigmoid(model(flow.tensor(x))).numpy()
+    got = onnx_forward(load_onnx(str(exported))[0])(x)
+    assert got.shape == (2, 1, 128, 192) and np.abs(got - expected).max() <= 1 / 255
 
 
 def test_onnx_runtime_writes_what_oneflow_writes(exported, trained, data, tmp_path):
@@ -74,9 +100,32 @@ def test_tta_with_onnx_and_oneflow_in_one_ensemble(exported, trained, data, tmp_
     assert_same_probabilities(tmp_path / "flow", tmp_path / "mixed")
 
 
-def test_other_sizes_are_tiled_at_the_export_size(exported, trained, tmp_path):
+def test_other_sizes_run_whole_as_in_oneflow(exported, trained, tmp_path):
     images = write_dataset(str(tmp_path / "data"), n_train=0, n_test=2, size=(40, 72)) + "/test"
     out = predict([exported], images, tmp_path / "onnx").stdout
+    assert "ONNX Runtime" in out and "overlap-tile" not in out
+    predict([trained / "best"], images, tmp_path / "flow")
+    assert_same_probabilities(tmp_path / "flow", tmp_path / "onnx")
+
+
+@pytest.fixture
+def fixed_export(trained, tmp_path):
+    """A file as export_onnx.py wrote it before its sizes were freed: the converter's 1x1xSIZExSIZE graph."""
+    from export_onnx import add_metadata, convert
+    from isbi_unet.checkpoint import load_model
+
+    model, state = load_model(trained / "best")
+    path = tmp_path / "fixed.onnx"
+    convert(model, SIZE, str(path))
+    add_metadata(str(path), state, SIZE, trained / "best")
+    dims = [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 1, SIZE, SIZE]
+    return path
+
+
+def test_a_fixed_size_file_tiles_other_sizes_at_its_size(fixed_export, trained, tmp_path):
+    images = write_dataset(str(tmp_path / "data"), n_train=0, n_test=2, size=(40, 72)) + "/test"
+    out = predict([fixed_export], images, tmp_path / "onnx").stdout
     assert "2 of 2 images (e.g. 72x40) differ from the ONNX export's 48x48: overlap-tile inference at 48" in out
     predict([trained / "best"], images, tmp_path / "flow", "--tile", SIZE, "--overlap", SIZE - 16)
     assert_same_probabilities(tmp_path / "flow", tmp_path / "onnx")
@@ -128,8 +177,9 @@ def test_bad_onnx_files_are_one_line_and_write_nothing(kind, message, exported, 
     assert not res.exists()
 
 
-def test_a_tile_other_than_the_export_size_is_refused(exported, data, tmp_path):
-    proc = predict_script(exported, f"{data}/test", tmp_path / "res", "--tile", 32, "--overlap", 16, check=False)
+def test_a_tile_other_than_a_fixed_size_files_is_refused(fixed_export, data, tmp_path):
+    args = ["--tile", 32, "--overlap", 16]
+    proc = predict_script(fixed_export, f"{data}/test", tmp_path / "res", *args, check=False)
     assert_fails(proc, "--tile 32: the ONNX model takes 48x48 inputs only")
     assert not (tmp_path / "res").exists()
 
@@ -150,6 +200,8 @@ def test_without_onnxruntime_onnx_input_says_how_to_install(exported, data, tmp_
     [
         (["--size", 50], "--size must be a multiple of 16"),
         (["--out", "unet.pt"], "name the ONNX file .onnx"),
+        (["--opset", 10], "--opset must be 11 or more"),
+        (["--bioimageio", "unet.tar"], "name the bioimage.io package .zip"),
     ],
 )
 def test_export_refuses_bad_flags(flags, message, trained):
