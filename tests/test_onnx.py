@@ -242,6 +242,6 @@ def test_test_sh_takes_an_onnx_file(exported, tmp_path):
     assert proc.returncode == 0, proc.stderr
     res = root / "results"
     names = sorted(os.listdir(root / "data" / "test"))
-    assert sorted(os.listdir(res / "prob")) == names and sorted(os.listdir(res / "overlay")) == names
+    assert sorted(os.listdir(res / "prob")) == names and sorted(os.listdir(res / "overlay")) == [*names, "overlay.json"]
     assert cv2.imread(str(res / "figure.png")) is not None
     assert json.loads((res / "run.json").read_text())["args"]["checkpoint"] == str(exported)
