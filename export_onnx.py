@@ -36,6 +36,7 @@ from isbi_unet import onnx_backend as ob
 from isbi_unet.checkpoint import load_model
 from isbi_unet.errors import DataError, atomic_write, check_apart, check_flags, check_output_dir, run_main
 from isbi_unet.images import preprocess, read_slice, slice_names
+from isbi_unet.outputs import claim_file
 from isbi_unet.tiling import POOL
 
 DEFAULT_OUT = "unet.onnx"
@@ -68,6 +69,9 @@ def parse_args(argv=None):
         "--tolerance", type=float, default=1e-4, help="largest allowed difference of probabilities in the check"
     )
     p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, {MIN_OPSET} (DepthToSpace) or more")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an --out or --bioimageio file that this repo did not write"
+    )
     args = p.parse_args(argv)
     if args.out is None and args.bioimageio is None:
         args.out = DEFAULT_OUT
@@ -85,10 +89,12 @@ def check_args(args):
     if args.bioimageio is not None and not ob.is_package(args.bioimageio):
         raise DataError(f"{args.bioimageio}: name the bioimage.io package .zip")
     inputs = [(args.checkpoint, "--checkpoint"), (args.check_data, "--check_data")]
-    for path, flag in ((args.out, "--out"), (args.bioimageio, "--bioimageio")):
+    outputs = ((args.out, "--out", "ONNX export"), (args.bioimageio, "--bioimageio", "bioimage.io package"))
+    for path, flag, kind in outputs:
         if path is not None:
             check_apart(path, flag, inputs)
             check_output_dir(os.path.dirname(os.path.abspath(path)), flag)
+            claim_file(path, flag, kind, args.overwrite)
     ob.import_onnxruntime()  # before the slow part: without it there is nothing to check against
     if args.bioimageio is not None:
         bio.import_core()

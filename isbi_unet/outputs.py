@@ -8,13 +8,14 @@ holds anything else is refused unless --overwrite; even then, only the earlier o
 The record is written before the outputs, marked unfinished, and marked finished after them: a run cut short
 leaves a folder that a rerun replaces and that readers (evaluate.py, visualize.py) refuse.
 
-A single-file output (a plot, a figure) is new, or a file of the same kind that this repo wrote (PNG text
-chunk `isbi_unet`); anything else in its place is refused unless --overwrite.
+A single-file output (a plot, a figure, an ONNX file, a package) is new, or a file of the same kind that
+this repo wrote (known by a mark inside it); anything else in its place is refused unless --overwrite.
 """
 
 import json
 import os
 import shutil
+import zipfile
 
 from isbi_unet.errors import DataError, atomic_write
 
@@ -96,17 +97,36 @@ def remove(folder, names):
             os.remove(path)
 
 
-def written_kind(path):
-    """The kind recorded in a PNG that this repo wrote (None for any other file)."""
-    if not path.lower().endswith(".png"):
-        return None
-    try:
-        from PIL import Image  # comes with matplotlib; imported here so the core needs it only for this
+ONNX_MARK = b"isbi-unet-onnx/"  # onnx_backend.FORMAT's prefix, in the metadata stored after the graph
 
-        with Image.open(path) as image:
-            return image.text.get(KIND_KEY)
-    except Exception:  # not a PNG, truncated, unreadable: in any case not ours
+
+def written_kind(path):
+    """What this repo wrote at `path`, from a mark inside the file: a PNG's text chunk, an ONNX file's
+    metadata, a package's ONNX weights. None for anything else (or an unreadable file)."""
+    lower = path.lower()
+    try:
+        if lower.endswith(".png"):
+            from PIL import Image  # comes with matplotlib; imported here, the only user
+
+            with Image.open(path) as image:
+                return image.text.get(KIND_KEY)
+        if lower.endswith(".onnx"):
+            with open(path, "rb") as f:
+                return "ONNX export" if ends_marked(f) else None
+        if lower.endswith(".zip"):
+            with zipfile.ZipFile(path) as z, z.open("weights.onnx") as f:
+                return "bioimage.io package" if "rdf.yaml" in z.namelist() and ends_marked(f) else None
+    except Exception:  # not of its format, truncated, unreadable: in any case not ours
         return None
+    return None
+
+
+def ends_marked(f, tail=1 << 16):
+    """Whether ONNX_MARK stands in the last `tail` bytes of the stream `f` (read through, for zip members)."""
+    last = b""
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        last = (last + chunk)[-tail:]
+    return ONNX_MARK in last
 
 
 def claim_file(path, flag, kind, overwrite=False):

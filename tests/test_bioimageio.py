@@ -179,3 +179,14 @@ def test_the_overlay_cover_is_two_to_one(tmp_path):
     assert cover.shape[1] == 2 * cover.shape[0]
     right = cover[:, cover.shape[1] // 2 :]
     assert right[right.shape[0] // 2, 10, 0] != right[10, 10, 0]  # the membrane is tinted, the cell is not
+
+
+def test_a_package_is_known_as_this_repos_and_a_users_zip_is_kept(package, trained_run, check_data, tmp_path):
+    from isbi_unet.outputs import written_kind
+
+    assert written_kind(str(package)) == "bioimage.io package"
+    theirs = tmp_path / "theirs.zip"
+    theirs.write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip of someone else's
+    args = ["--checkpoint", trained_run / "best", "--bioimageio", theirs, "--check_data", check_data]
+    assert_fails(run("export_onnx.py", *args, check=False), theirs, "--bioimageio", "--overwrite")
+    assert theirs.read_bytes() == b"PK\x05\x06" + bytes(18)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 
 import cv2
@@ -245,3 +246,19 @@ def test_test_sh_takes_an_onnx_file(exported, tmp_path):
     assert sorted(os.listdir(res / "prob")) == names and sorted(os.listdir(res / "overlay")) == [*names, "overlay.json"]
     assert cv2.imread(str(res / "figure.png")) is not None
     assert json.loads((res / "run.json").read_text())["args"]["checkpoint"] == str(exported)
+
+
+def test_an_export_replaces_only_its_own_kind_of_file(exported, trained_run, data, tmp_path):
+    from isbi_unet.outputs import written_kind
+
+    assert written_kind(str(exported)) == "ONNX export"
+    theirs = tmp_path / "theirs.onnx"
+    shutil.copy(exported, theirs)
+    with open(theirs, "r+b") as f:  # the same bytes but for the mark: an ONNX file of someone else's
+        blob = f.read().replace(b"isbi-unet-onnx/", b"someone-else/1")
+        f.seek(0)
+        f.write(blob)
+    before = theirs.read_bytes()
+    args = ["--checkpoint", trained_run / "best", "--size", SIZE, "--check_data", f"{data}/test"]
+    assert_fails(run("export_onnx.py", *args, "--out", theirs, check=False), theirs, "--out", "--overwrite")
+    assert theirs.read_bytes() == before
