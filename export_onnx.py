@@ -21,7 +21,6 @@ from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
 if __name__ == "__main__":
     guard_start_up()  # Ctrl-C inside `import oneflow`: one line, exit 130 (isbi_unet/interrupt.py)
 
-import argparse
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from isbi_unet import bioimageio as bio
 from isbi_unet import onnx_backend as ob
 from isbi_unet.checkpoint import load_model
 from isbi_unet.errors import DataError, atomic_write, check_apart, check_flags, check_output_dir, run_main
+from isbi_unet.flags import Parser
 from isbi_unet.images import preprocess, read_slice, slice_names
 from isbi_unet.outputs import claim_file
 from isbi_unet.tiling import POOL
@@ -46,7 +46,7 @@ FREE_DIMS = {0: "batch", 2: "height", 3: "width"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--checkpoint", default="checkpoints/best", help="checkpoint directory written by training")
     p.add_argument(
         "--out", help=f"the ONNX file to write, named .onnx (default: {DEFAULT_OUT}, or none with --bioimageio)"
@@ -60,7 +60,6 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--check_data",
-        "--check-data",
         default="data/test",
         help="folder of images or TIFF stack whose first slice checks ONNX Runtime against OneFlow "
         "(and is the package's test image and cover)",

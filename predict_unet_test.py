@@ -37,7 +37,7 @@ import numpy as np
 import oneflow  # noqa: F401  imported under the start-up guard, before keyboard_interrupts() replaces its handler
 
 from isbi_unet.device import default_processes, select_device
-from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main
+from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main, warn
 from isbi_unet.flags import Parser
 from isbi_unet.images import read_label, read_slice, slice_names, slice_path, write_png
 from isbi_unet.metrics import print_scores
@@ -145,6 +145,10 @@ def open_predictor(args, device, n_images):
         one = device.type == "cuda" or uses_every_core(args.checkpoint)
         args.workers = default_processes(one, limit=n_images)
     check_flags(args, positive=("workers",))
+    cores = len(os.sched_getaffinity(0))
+    if args.workers > cores:  # more processes than cores only share them, each with its copy of the model
+        warn(f"--workers {args.workers} is more than the {cores} CPU cores here; using {cores}")
+        args.workers = cores
     settings = (args.graph, args.tile, args.overlap, args.tta, threads_per_process(args.workers))
     return Predictor.open(Spec(tuple(args.checkpoint), str(device), *settings))
 

@@ -167,3 +167,21 @@ def test_predictions_replace_their_own_earlier_results_as_a_whole_and_keep_a_use
     before = snapshot(mine)
     assert_fails(predict_script(trained / "best", two, mine, check=False), mine, "--save_res_path", "--overwrite")
     assert snapshot(mine) == before
+
+
+def test_more_workers_than_cores_are_capped_with_a_note(data, trained, tmp_path):
+    from conftest import predict_script
+
+    cores = len(os.sched_getaffinity(0))
+    proc = predict_script(trained / "best", f"{data}/test", tmp_path / "res", "--workers", cores + 3)
+    assert f"warning: --workers {cores + 3} is more than the {cores} CPU cores here; using {cores}" in proc.stderr
+    assert f"x {cores} process(es)" in proc.stdout
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_no_workers_is_refused(data, trained, tmp_path, workers):
+    from conftest import predict_script
+
+    proc = predict_script(trained / "best", f"{data}/test", tmp_path / "res", "--workers", workers, check=False)
+    assert_fails(proc, "--workers")
+    assert not (tmp_path / "res").exists()
