@@ -12,7 +12,7 @@ import re
 import cv2
 import numpy as np
 
-from isbi_unet.errors import DataError, warn
+from isbi_unet.errors import DataError, atomic_write, warn
 from isbi_unet.stacks import STACK_EXTS, count_pages, is_stack, read_pages
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -117,8 +117,13 @@ def read_slice(source, name):
 
 
 def write_png(path, array):
-    if not cv2.imwrite(path, array):
-        raise DataError(f"{path}: could not be written")
+    """Writes `array` as the PNG `path` in one rename: a full disk or a kill leaves the old file or none,
+    and a failed write is a WriteError naming the path and the system's reason."""
+    ok, png = cv2.imencode(".png", array)
+    if not ok:  # not an image array: a bug, not the user's input
+        raise ValueError(f"{path}: array of shape {array.shape} and type {array.dtype} cannot be a PNG")
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        f.write(png.tobytes())
 
 
 def to_unit(img):

@@ -13,7 +13,7 @@ import struct
 import cv2
 import numpy as np
 
-from isbi_unet.errors import DataError, atomic_write
+from isbi_unet.errors import DataError, WriteError, atomic_write
 
 STACK_EXTS = (".tif", ".tiff")
 # TIFF field types whose values are offsets or byte counts: SHORT, LONG, LONG8
@@ -100,4 +100,4 @@ def write_stack(path, pages):
     """Writes uint8 or float32 HxW pages as one multi-page TIFF, complete or not at all (errors.atomic_write)."""
     with atomic_write(path) as tmp:
         if not cv2.imwritemulti(tmp, [np.ascontiguousarray(p) for p in pages]):
-            raise DataError(f"{path}: could not be written")
+            raise WriteError(f"{path}: cannot write (OpenCV could not write the TIFF stack)")

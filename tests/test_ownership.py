@@ -185,3 +185,26 @@ def test_no_workers_is_refused(data, trained, tmp_path, workers):
     proc = predict_script(trained / "best", f"{data}/test", tmp_path / "res", "--workers", workers, check=False)
     assert_fails(proc, "--workers")
     assert not (tmp_path / "res").exists()
+
+
+def test_a_png_that_cannot_be_written_is_a_write_error_and_leaves_the_old_file(tmp_path, monkeypatch):
+    import numpy as np
+
+    from isbi_unet.errors import WriteError
+    from isbi_unet.images import write_png
+
+    path = tmp_path / "0.png"
+    write_png(str(path), np.zeros((8, 8), np.uint8))
+    before = path.read_bytes()
+    real_open = open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if "w" in mode and str(file).endswith(".tmp.png"):
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(WriteError, match=r"0\.png: cannot write \(No space left on device\)"):
+        write_png(str(path), np.full((8, 8), 255, np.uint8))
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["0.png"]
