@@ -1,18 +1,15 @@
 """Who this process is in a data-parallel job, how it exits, and how it joins the job: the plumbing every script
-shares, framework-free and with no side effect at import.
+shares, framework-free and without side effects at import.
 
 `whoami()` reads rank, local rank, world size and master from the launcher's environment, so it is right before
-and after `import oneflow` (which sets RANK=-1 outside the launcher). The exit codes have one definition here.
-
-`join_job()` runs before `import oneflow`, whose start-up rendezvous waits for every process of the job. OneFlow
-0.9.0 bounds that wait with nothing (measured: ONEFLOW_TIMEOUT_SECONDS=5 still waits; the library reads no
-rendezvous setting), so a node that never comes (a typo in --master_addr, a wrong --nnodes or --node_rank, a
-closed port) left the others waiting forever, silent. So every process first checks in with global rank 0 on
-MASTER_ADDR:MASTER_PORT (rank 0 listens there until all have come, then frees the port for OneFlow's own
-server; OneFlow's clients retry until it binds). At --join_timeout every started process prints how many came
-and exits 2, before anything is written; OneFlow's start-up then runs under the same deadline. PR_SET_PDEATHSIG
-kills a process when its launcher exits: OneFlow's launcher kills the others of a failed rank with os.killpg on
-its own pid, which fails silently unless it leads its process group (tests/test_dead_rank.py).
+and after `import oneflow` (which sets RANK=-1 outside the launcher). `join_job()` runs before that import, whose
+start-up rendezvous OneFlow 0.9.0 lets wait forever (measured: ONEFLOW_TIMEOUT_SECONDS does not bound it, and
+the library reads no other rendezvous setting), so a node that never comes left the others waiting, silent.
+Each process first checks in with global rank 0 on MASTER_ADDR:MASTER_PORT, which then frees the port for
+OneFlow's own server (OneFlow's clients retry until it binds); at --join_timeout every started process says how
+many came and exits 2, before anything is written. PR_SET_PDEATHSIG kills a process when its launcher exits:
+OneFlow's launcher stops the others of a failed rank with os.killpg on its own pid, which fails silently unless
+it leads its process group (tests/test_dead_rank.py).
 """
 
 import argparse
@@ -38,6 +35,10 @@ class Process(NamedTuple):
     local_rank: int  # rank on this node, which picks its GPU
     world: int  # processes in the job
     master: Tuple[str, int]  # global rank 0's address and port
+
+    @property
+    def address(self):
+        return f"{self.master[0]}:{self.master[1]}"
 
 
 def whoami():
@@ -98,10 +99,10 @@ def join_job(timeout):
     else:
         visit(me, timeout, deadline)
     late = (
-        f"all {me.world} processes joined the master %s:%d, but OneFlow's start-up did not finish within "
+        f"all {me.world} processes joined the master {me.address}, but OneFlow's start-up did not finish within "
         f"{timeout:g} s; the nodes must reach each other on every TCP port (OneFlow picks its ports at random): "
         "check the firewall"
-    ) % me.master
+    )
     stalled = threading.Timer(timeout, exit_now, [late, BAD_INPUT, True])
     stalled.daemon = True
     stalled.start()
@@ -120,7 +121,7 @@ def tie_to_launcher():
 
 
 def not_joined(count, me, timeout, reachable=True):
-    where = "%s:%d" % me.master + ("" if reachable else ", not reachable from this node")
+    where = me.address + ("" if reachable else ", not reachable from this node")
     message = f"only {count} of {me.world} processes joined within {timeout:g} s (master {where}); {HINT}"
     exit_now(message, BAD_INPUT, every_rank=True)
 
@@ -139,7 +140,7 @@ def listen(port):
             return socket.create_server(("", port), family=socket.AF_INET6, backlog=64, dualstack_ipv6=True)
         return socket.create_server(("", port), backlog=64)
     except OSError as e:
-        reason = f"--master_port {port} cannot be used on this node ({e.strerror})"
+        reason = f"--master_port {port} cannot be used on this node ({os.strerror(e.errno)})"
         exit_now(f"{reason}; choose another free port", BAD_INPUT)
 
 
@@ -176,17 +177,11 @@ def host(me, timeout, deadline):
 
 def admit(conn, world, peers):
     """Reads a newcomer's check-in line and adds it to `peers`, or tells it why not and hangs up."""
-    line = b""
     conn.settimeout(2.0)  # a process of this job says its line at once
     try:
-        while b"\n" not in line and len(line) < 256:
-            data = conn.recv(256)
-            if not data:
-                break
-            line += data
-    except OSError:
-        pass
-    words = line.decode(errors="replace").split()
+        words = conn.makefile(encoding="utf-8", errors="replace").readline(256).split()
+    except (OSError, ValueError):
+        words = []
     refusal = refuse(words, world, peers)
     if refusal:
         send(conn, f"refuse {refusal}")
@@ -228,7 +223,7 @@ def visit(me, timeout, deadline):
                         joined, _, theirs = rest.partition(" ")
                         not_joined(int(joined), me, float(theirs))
                     elif word == "refuse":
-                        exit_now("the master %s:%d refused this process: " % me.master + rest, BAD_INPUT, True)
+                        exit_now(f"the master {me.address} refused this process: {rest}", BAD_INPUT, True)
                     conn.settimeout(max(deadline - time.monotonic(), 0.01))
         except (OSError, ValueError):  # not reachable, the master went away, or the deadline passed while waiting
             pass
