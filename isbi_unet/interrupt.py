@@ -60,10 +60,8 @@ def end_start_up_guard():
 
 
 def keyboard_interrupts():
-    """For a script without a training loop: Ctrl-C raises KeyboardInterrupt (run_main: one line, exit 130).
-
-    Python's own SIGINT handler, in place of OneFlow's, which ends the process with a segmentation fault.
-    """
+    """For a script without a training loop: Ctrl-C raises KeyboardInterrupt (run_main: one line, exit 130),
+    Python's own SIGINT handler in place of OneFlow's."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     end_start_up_guard()
 
@@ -104,11 +102,8 @@ class StopSignals:
                 return
             self.count += sum(byte in SIGNALS for byte in data)  # the pipe also carries e.g. SIGCHLD
             if self.count >= 2:
-                with self.saving:
-                    self.exit_now()
-
-    def exit_now(self):
-        exit_now(self.message(" (stopped at once)"), INTERRUPTED)
+                with self.saving:  # a checkpoint being written is finished first
+                    exit_now(self.message(" (stopped at once)"), INTERRUPTED)
 
     def message(self, how=""):
         """`interrupted at epoch E step S[HOW]; continue with --resume PATH` (or: no checkpoint was saved yet)."""

@@ -63,17 +63,6 @@ class Ranks:
                     process.wait()
 
 
-class Shim(SimpleNamespace):
-    """A stand-in for a module: the given names replaced, every other name the module's own."""
-
-    def __init__(self, module, **replaced):
-        super().__init__(**replaced)
-        self._module = module
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-
 def oneflow_launcher(ranks):
     """OneFlow's launch.py as a fresh module, its subprocess, signal and os names rerouted to `ranks`."""
     spec = importlib.util.find_spec("oneflow")
@@ -84,11 +73,16 @@ def oneflow_launcher(ranks):
     module_spec = importlib.util.spec_from_file_location("oneflow_launch", path)
     launch = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(launch)
-    launch.subprocess = Shim(subprocess, Popen=ranks.popen)
-    launch.signal = Shim(signal, signal=lambda signum, handler: None)  # ours, installed first, stay
-    launch.os = Shim(os, killpg=ranks.killpg)
+    launch.subprocess = rerouted(subprocess, Popen=ranks.popen)
+    launch.signal = rerouted(signal, signal=lambda signum, handler: None)  # ours, installed first, stay
+    launch.os = rerouted(os, killpg=ranks.killpg)
     launch.print = quiet_print
     return launch
+
+
+def rerouted(module, **names):
+    """A stand-in for `module`: its names, with `names` replaced."""
+    return SimpleNamespace(**{**vars(module), **names})
 
 
 def quiet_print(*args, **kwargs):
