@@ -1,16 +1,12 @@
-"""OneFlow's launcher with its flags, but Ctrl-C stops every rank at the same step and the job exits with the
-ranks' own code (2 bad input, 3 stalled, 130 interrupted) instead of 1 and a traceback.
+"""`python3 -m isbi_unet.launch`: OneFlow's launcher, same flags, but Ctrl-C stops every rank at the same step and
+the job exits with the ranks' own code (2 bad input, 3 stalled, 130 interrupted), not 1 with a traceback.
 
-    python3 -m isbi_unet.launch --nproc_per_node 2 TrainUnetDataSet.py ARGS
-
-OneFlow 0.9.0's launcher (oneflow/distributed/launch.py) answers a signal and a failed rank alike: SIGTERM to
-its process group and exit 1 at once, with a CalledProcessError traceback for a failed rank; a terminal's
-Ctrl-C thus reaches each rank twice, which stops it mid-step. This runs that launcher's main() with its
-subprocess, signal and os names rerouted: ranks start in their own session, so Ctrl-C reaches the launcher
-only, which forwards each SIGINT / SIGTERM to every rank; a failed rank makes the others stop at once, after
-up to GRACE s for them to fail alike on bad input (so rank 0's line is printed); then it waits for every rank
-and exits with the first failing rank's code. The launcher is loaded from its file, without `import oneflow`
-(seconds, and a SIGINT handler of its own).
+OneFlow 0.9.0's launcher (oneflow/distributed/launch.py) answers a signal and a failed rank alike, with SIGTERM
+to its process group and exit 1, so a terminal's Ctrl-C reaches each rank twice and stops it mid-step. Its
+main() runs here with subprocess, signal and os rerouted: ranks start in their own session and get each signal
+the launcher gets; a failed rank stops the others at once (after up to GRACE s for them to fail alike on bad
+input, so rank 0's line is printed); the exit code is the first failing rank's. The launcher is loaded from its
+file, as `import oneflow` takes seconds and installs a SIGINT handler.
 """
 
 import importlib.util
