@@ -1,9 +1,10 @@
-"""Train U-Net on ISBI 2012, on one device or data-parallel under OneFlow's launcher.
+"""Train U-Net on ISBI 2012, on one device or data-parallel under a launcher.
 
     python3 TrainUnetDataSet.py                                   # recipe chosen by device (see --recipe)
     python3 TrainUnetDataSet.py --epochs 40 --batch_size 2 --lr 3e-4 --width 64
-    python3 -m oneflow.distributed.launch --nproc_per_node 8 TrainUnetDataSet.py
-    python3 -m oneflow.distributed.launch --nnodes 2 --node_rank 0 --master_addr HOST \\
+    python3 -m isbi_unet.launch --nproc_per_node 8 TrainUnetDataSet.py  # 8 processes; passes on Ctrl-C, exit codes
+    python3 -m oneflow.distributed.launch --nproc_per_node 8 TrainUnetDataSet.py  # the article's: trains the same
+    python3 -m isbi_unet.launch --nnodes 2 --node_rank 0 --master_addr HOST \\
         --nproc_per_node 8 TrainUnetDataSet.py                      # and --node_rank 1 on the other node
     python3 TrainUnetDataSet.py --graph                           # OneFlow static graph (nn.Graph), one process
     python3 TrainUnetDataSet.py --resume checkpoints/last         # continue a run where it stopped
@@ -22,12 +23,12 @@ import shutil
 import time
 from types import SimpleNamespace
 
+from isbi_unet import runtime
 from isbi_unet.interrupt import StopSignals, guard_start_up
-from isbi_unet.lifeline import JOIN_TIMEOUT, tie_to_launcher
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # before `import oneflow`, which under the launcher waits for every process
     guard_start_up()  # Ctrl-C before the training loop's own handler: one line, exit 130 (isbi_unet/interrupt.py)
-tie_to_launcher()  # before oneflow's import, which under the launcher waits for every rank (--join_timeout)
+    runtime.join_job(runtime.flags().parse_known_args()[0].join_timeout)
 
 import numpy as np
 import oneflow as flow
@@ -71,7 +72,11 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[runtime.flags()],  # --join_timeout and --step_timeout, also read before OneFlow starts
+    )
     add = p.add_argument
     add(
         "--data_path",
@@ -176,22 +181,6 @@ def parse_args(argv=None):
         default=0,
         help="DataLoader worker processes (data is in memory; 0 is usually fastest)",
     )
-    add(
-        "--join_timeout",
-        "--join-timeout",
-        type=float,
-        default=JOIN_TIMEOUT,
-        help="under the launcher: seconds for every process of every node to join before each exits 2 saying "
-        "how many did (read before OneFlow starts, by isbi_unet/lifeline.py)",
-    )
-    add(
-        "--step_timeout",
-        "--step-timeout",
-        type=float,
-        default=watchdog.STEP_TIMEOUT,
-        help="under the launcher: end the job (exit 3) when no training step has begun for this many seconds, "
-        "as when a node froze; must exceed a step plus an epoch's validation and saving",
-    )
     return p.parse_args(argv)
 
 
@@ -239,7 +228,7 @@ def resolve_checkpoint_dir(args):
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
     args.replace_run = bool(found) and not continuing
     # Only rank 0 decides: it writes the folder, and another rank looking later could see this run's own files.
-    if args.replace_run and not args.overwrite and flow.env.get_rank() == 0:
+    if args.replace_run and not args.overwrite and runtime.whoami().rank == 0:
         raise DataError(
             f"{args.checkpoint_dir}: --checkpoint_dir holds another run ({', '.join(found)}); continue it with "
             f"--resume {os.path.join(args.checkpoint_dir, 'last')}, write elsewhere, or replace it with --overwrite"
@@ -254,7 +243,7 @@ def seed_all(seed):
 
 def build_dataloaders(args, device):
     """The training DataLoader (this rank's share, augmented) and the held-out slices (or None)."""
-    rank, world_size = flow.env.get_rank(), flow.env.get_world_size()
+    rank, _, world_size, _ = runtime.whoami()
     train_names, val_names = split_names(args.data_path, args.val_slices, args.val_start)
     image_dir, label_dir = training_sources(args.data_path)
     # Each rank draws its own crops and flips; the sampler already gives it different slices.
@@ -311,7 +300,7 @@ def build_engine(args, model, criterion, steps_per_epoch):
         scheduler = flow.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
     if args.graph:
         return GraphEngine(model, criterion, optimizer, scheduler, amp=args.amp)
-    return EagerEngine(model, criterion, optimizer, scheduler, distributed=flow.env.get_world_size() > 1)
+    return EagerEngine(model, criterion, optimizer, scheduler, distributed=runtime.whoami().world > 1)
 
 
 def load_weights(args, model, device):
@@ -341,7 +330,7 @@ def start_run(args, engine, checkpoint, steps_per_epoch, master_process):
 
 def prepare_checkpoint_dir(args, run, loader, val_set, device):
     """Rank 0: the folder, a log without the epochs this run redoes, config.json, and what the run will do."""
-    world_size = flow.env.get_world_size()
+    world_size = runtime.whoami().world
     make_output_dir(args.checkpoint_dir, "--checkpoint_dir")
     if args.replace_run:  # --overwrite: nothing of the old run stays to be mistaken for this one's
         for name in (*RUN_FILES, "loss.png"):
@@ -411,15 +400,15 @@ def best_reason(args, run):
 def main(argv=None):
     """Trains and returns the model (every rank returns its replica)."""
     args = parse_args(argv)
-    device = select_device(args.device, flow.env.get_local_rank())
+    device = select_device(args.device, runtime.whoami().local_rank)
     with StopSignals(device) as stop:  # Ctrl-C and SIGTERM now stop between steps (isbi_unet/interrupt.py)
         return train(args, device, stop)
 
 
 def train(args, device, stop):
     """main() once the signals are ours; a failed write or a NaN stops naming what is left to resume from."""
-    args = resolve_args(args, device.type == "cuda", flow.env.get_world_size())
-    master_process = flow.env.get_rank() == 0
+    args = resolve_args(args, device.type == "cuda", runtime.whoami().world)
+    master_process = runtime.whoami().rank == 0
     seed_all(args.seed)
 
     loader, val_set = build_dataloaders(args, device)
@@ -429,7 +418,7 @@ def train(args, device, stop):
     engine = build_engine(args, model, criterion, len(loader))
     run = start_run(args, engine, checkpoint, len(loader), master_process)
     stop.position, stop.resume_from = (run.start_epoch, 0), run.last_saved
-    if flow.env.get_world_size() > 1:  # a frozen peer would block the collectives forever
+    if runtime.whoami().world > 1:  # a frozen peer would block the collectives forever
         watchdog.arm(args.step_timeout, os.path.join(args.checkpoint_dir, "last"))
     try:
         if master_process:

@@ -12,7 +12,7 @@ Settings: `cpu` is the CPU recipe (width 16, 256x256 crops, batch 4); `article` 
 (width 64, whole 512x512 slices, batch 1). A training step is forward + BCE loss + backward + Adam on
 random data; inference is one slice at batch 1 with no gradient. Every mode runs in its own process
 (so peak memory, the resident set's high-water mark on CPU, is its own) and reports the median of
---steps timed steps after --warmup untimed ones. `ddp2` is two processes under OneFlow's launcher, each
+--steps timed steps after --warmup untimed ones. `ddp2` is two processes under isbi_unet.launch, each
 with half the batch, the way `NPROC=2 bash train.sh` trains; its images/s counts both processes.
 `graph_ddp2` is the same through one data-parallel nn.Graph: the model as global tensors broadcast to both
 processes, each batch split between them (the scripts do not train this way; see docs/speed.md).
@@ -33,6 +33,7 @@ import time
 
 from isbi_unet.device import select_device  # OneFlow is imported only where a measurement needs it
 from isbi_unet.errors import DataError, check_flags, run_main
+from isbi_unet.runtime import whoami
 
 SETTINGS = {"cpu": dict(width=16, size=256, batch=4), "article": dict(width=64, size=512, batch=1)}
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -100,8 +101,9 @@ def oneflow_worker(mode, setting, steps, warmup, device_name, width):
     from isbi_unet.losses import SegmentationLoss
     from unet import UNet
 
-    rank, world = flow.env.get_rank(), flow.env.get_world_size()
-    device = select_device(device_name, flow.env.get_local_rank())
+    me = whoami()
+    rank, world = me.rank, me.world
+    device = select_device(device_name, me.local_rank)
     s = SETTINGS[setting]
     batch = max(1, s["batch"] // world)  # ddp2 splits the batch; a batch of 1 becomes 1 per process
     flow.manual_seed(0)
@@ -191,7 +193,7 @@ def run_worker(python, spec, args, launcher=False):
     """Runs one measurement in its own process (under the launcher for ddp2 modes); its JSON line, or None."""
     launch = [
         "-m",
-        "oneflow.distributed.launch",
+        "isbi_unet.launch",
         "--nproc_per_node",
         "2",
         "--master_port",

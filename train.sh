@@ -10,7 +10,7 @@
 # NPROC defaults to 1 with a CUDA device and otherwise to the number of CPU cores (at most 4): OneFlow's
 # eager CPU kernels keep about one core busy, so a process per core is how a CPU trains at full speed
 # (the rule is isbi_unet/device.py's, shared with predict_unet_test.py --workers). isbi_unet.launch is OneFlow's
-# launcher, except that Ctrl-C stops every rank cleanly at one step and it exits with the ranks' code.
+# launcher, except that Ctrl-C stops every rank at the same step and the job exits with the ranks' own code.
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup.sh

@@ -2,7 +2,7 @@
 
 Under the launcher only rank 0 prints (every rank reads the same input and fails the same way); the other
 ranks exit with the same code silently. An interrupted run (`Interrupted`) exits 130, as a shell reports
-Ctrl-C.
+Ctrl-C. The exit codes and the rank are isbi_unet/runtime.py's.
 """
 
 import contextlib
@@ -11,7 +11,7 @@ import signal
 import sys
 import tempfile
 
-BAD_INPUT = 2  # exit code for bad input or flags, in every script
+from isbi_unet.runtime import BAD_INPUT, INTERRUPTED, whoami
 
 
 class DataError(ValueError):
@@ -26,11 +26,6 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM stopped the run; the message says where and how to continue."""
 
 
-def rank():
-    """This process's rank under the launcher (from its environment), 0 otherwise."""
-    return max(0, int(os.environ.get("RANK") or 0))  # `import oneflow` sets RANK=-1 outside the launcher
-
-
 def run_main(main):
     """Calls main(); a DataError becomes one line on stderr and exit code 2, Interrupted exit code 130,
     with no traceback. Only rank 0 prints."""
@@ -39,9 +34,9 @@ def run_main(main):
     except DataError as e:
         fail(f"error: {e}", BAD_INPUT)
     except Interrupted as e:
-        fail(f"error: {e}", 130)
+        fail(f"error: {e}", INTERRUPTED)
     except KeyboardInterrupt:  # Ctrl-C in a script that has no step to finish
-        fail("error: interrupted", 130)
+        fail("error: interrupted", INTERRUPTED)
     except OSError as e:  # a file system refusal no check foresaw (permissions, disk full): still one line
         fail(f"error: {e.filename or 'a file'}: {e.strerror or e}", BAD_INPUT)
 
@@ -50,9 +45,10 @@ def fail(message, code):
     """`message` on stderr (rank 0 only), then exit `code`."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)  # already stopping: a late Ctrl-C must not end in a traceback
-    if rank() == 0:
+    me = whoami()
+    if me.rank == 0:
         print(message, file=sys.stderr, flush=True)
-    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+    if me.world > 1:
         sys.stdout.flush()
         # OneFlow's exit waits at a barrier for every rank (measured: forever when one rank fails alone).
         os._exit(code)
@@ -73,7 +69,7 @@ def check_flags(args, positive=(), non_negative=()):
 
 def warn(message):
     """One `warning: ...` line on stderr; silent on ranks other than 0, which read the same files."""
-    if rank() > 0:
+    if whoami().rank > 0:
         return
     print(f"warning: {message}", file=sys.stderr, flush=True)
 

@@ -12,7 +12,8 @@ Flags are declared once, in the article's snake_case; the kebab spelling (`--dat
 import argparse
 import sys
 
-from isbi_unet.errors import BAD_INPUT, fail
+from isbi_unet.errors import fail
+from isbi_unet.runtime import BAD_INPUT
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

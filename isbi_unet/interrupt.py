@@ -1,35 +1,24 @@
-"""Ctrl-C (SIGINT) and SIGTERM stop a training run between steps, with one line and exit code 130.
+"""Ctrl-C (SIGINT) and SIGTERM stop a run with one line and exit code 130: training between steps, every rank at
+the same step; during start-up at once, with nothing written.
 
-    python3 TrainUnetDataSet.py ...        # Ctrl-C: `error: interrupted at epoch E step S; continue with
-                                           #   --resume DIR/last`, exit 130; Ctrl-C again: stop now, the same
-                                           #   line with `step S (stopped at once)`
-    python3 -m isbi_unet.launch --nproc_per_node 2 TrainUnetDataSet.py ...   # the same, all ranks at one step
+OneFlow 0.9.0's `import oneflow` installs its own SIGINT handler, and a Ctrl-C mid-step then ended the process
+with a segmentation fault (exit 139) or exit 255; inside the import, silently with exit 255 or a hang. So:
 
-Measured with OneFlow 0.9.0 on CPU: `import oneflow` installs its own C handler for SIGINT
-(oneflow::AbortSignalHandler), and a Ctrl-C mid-step then ends the process with a segmentation fault
-(exit 139) or exit 255. `StopSignals` replaces it for SIGINT and SIGTERM with a handler that only counts:
-the training loop calls `check` between steps, and once any rank has seen a signal every rank raises
-`errors.Interrupted` at the same step (an all_reduce of the flag; no rank is left waiting in a collective).
-
-A Python signal handler runs only when the main thread is back in Python, which during a step is when
-the step ends (measured: 2.1 s after the signal in a 3.1 s CPU-recipe step). So signals are also
-counted the moment they arrive, by a thread reading `signal.set_wakeup_fd`'s pipe: a second signal ends
-the process at once (a width-64 step on CPU takes about a minute), except inside `protected()` (a
-checkpoint being written), which finishes first, so nothing is left half-written.
-
-Before that, from a script's first line until StopSignals takes over (`guard_start_up`): a signal ends the
-process with `error: interrupted during start-up; nothing was written` and exit 130. Measured without it:
-Ctrl-C inside `import oneflow` (about 1 s, or as long as the launcher's rendezvous waits for other nodes)
-ended the process silently with exit 255 (export_onnx.py hung), and before and early in that import, or while
-node 0 waited for the other nodes, with a KeyboardInterrupt traceback.
+- `guard_start_up()`, a script's first call: the signals are blocked and taken by a thread of ours, which prints
+  `error: interrupted during start-up; nothing was written` and exits, until a handler of the script takes over.
+- `StopSignals`, around the training loop: a signal only counts. `check()` between steps raises
+  `errors.Interrupted` on every rank once any rank has seen one (an all_reduce of the flag, so no rank is left
+  in a collective). A Python handler runs only once a step ends (measured: 2.1 s late in a 3.1 s step), so a
+  thread reads `signal.set_wakeup_fd`'s pipe: a second signal ends the process at once, except inside
+  `protected()` (a checkpoint being written), which finishes first.
 """
 
 import os
 import signal
-import sys
 import threading
 
-from isbi_unet.errors import Interrupted, rank
+from isbi_unet.errors import Interrupted
+from isbi_unet.runtime import INTERRUPTED, exit_now, whoami
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _start_up = None  # (thread, done) while guard_start_up holds the signals
@@ -55,10 +44,7 @@ def guard_start_up():
 def _stop_at_start_up(done):
     while not done.is_set():
         if signal.sigtimedwait(SIGNALS, 0.05) is not None:
-            if rank() == 0:
-                print("error: interrupted during start-up; nothing was written", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(130)  # the main thread may be inside OneFlow's import, which this thread cannot unwind
+            exit_now("interrupted during start-up; nothing was written", INTERRUPTED)
 
 
 def end_start_up_guard():
@@ -74,10 +60,8 @@ def end_start_up_guard():
 
 
 def keyboard_interrupts():
-    """For a script without a training loop: Ctrl-C raises KeyboardInterrupt (run_main: one line, exit 130).
-
-    Python's own SIGINT handler, in place of OneFlow's, which ends the process with a segmentation fault.
-    """
+    """For a script without a training loop: Ctrl-C raises KeyboardInterrupt (run_main: one line, exit 130),
+    Python's own SIGINT handler in place of OneFlow's."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     end_start_up_guard()
 
@@ -118,15 +102,8 @@ class StopSignals:
                 return
             self.count += sum(byte in SIGNALS for byte in data)  # the pipe also carries e.g. SIGCHLD
             if self.count >= 2:
-                with self.saving:
-                    self.exit_now()
-
-    def exit_now(self):
-        if rank() == 0:
-            print(f"error: {self.message(' (stopped at once)')}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # os._exit: the main thread may be inside a OneFlow kernel, and this thread cannot unwind it.
-        os._exit(130)
+                with self.saving:  # a checkpoint being written is finished first
+                    exit_now(self.message(" (stopped at once)"), INTERRUPTED)
 
     def message(self, how=""):
         """`interrupted at epoch E step S[HOW]; continue with --resume PATH` (or: no checkpoint was saved yet)."""
@@ -136,10 +113,10 @@ class StopSignals:
 
     def requested(self):
         """True on every rank once any rank has seen a signal (a collective under the launcher)."""
+        if whoami().world == 1:
+            return self.count > 0
         import oneflow as flow
 
-        if flow.env.get_world_size() == 1:
-            return self.count > 0
         flag = flow.tensor([float(self.count > 0)], device=self.device)
         flow.comm.all_reduce(flag)
         return flag.item() > 0

@@ -1,26 +1,12 @@
-"""OneFlow's launcher, stopping cleanly: Ctrl-C stops every rank at one step, and exits with the ranks' code.
+"""`python3 -m isbi_unet.launch`: OneFlow's launcher, same flags, but Ctrl-C stops every rank at the same step and
+the job exits with the ranks' own code (2 bad input, 3 stalled, 130 interrupted), not 1 with a traceback.
 
-    python3 -m isbi_unet.launch --nproc_per_node 2 TrainUnetDataSet.py ARGS   # any oneflow.distributed.launch flag
-
-OneFlow 0.9.0's own launcher (oneflow/distributed/launch.py) turns a rank's non-zero exit into a
-CalledProcessError traceback and exit 1, and on SIGINT or SIGTERM sends SIGTERM to its process group with
-os.killpg and exits 1 (lifeline.py then SIGKILLs the ranks). This runs that launcher's main() with three
-changes, made through the names its module looks up:
-
-- Ranks start in their own session (`subprocess.Popen(..., start_new_session=True)`), so a terminal's
-  Ctrl-C reaches the launcher only, which forwards every SIGINT / SIGTERM it gets to every rank once:
-  the first stops training at the next step (isbi_unet/interrupt.py), a second stops it at once.
-- Its `signal.signal(SIGINT / SIGTERM, ...)` calls are ignored (the forwarding handler is installed first),
-  and its os.killpg of the launcher's group, its response to a failed rank, becomes two signals to each
-  other rank (unless they are already stopping on a forwarded one): they stop at once, silently. A rank
-  that failed on bad input (exit 2) first gets the others up to GRACE seconds to fail alike, so rank 0's
-  one line is printed.
-- After a rank's non-zero exit it waits for the others (killing any still alive after GRACE seconds) and
-  exits with the first failing rank's code (128 + N for a rank ended by signal N), with no traceback.
-  Only rank 0 prints errors (errors.run_main).
-
-OneFlow's launcher module is loaded from its file, without `import oneflow`: the launcher needs none of
-it, and the package's import takes seconds and installs a SIGINT handler.
+OneFlow 0.9.0's launcher (oneflow/distributed/launch.py) answers a signal and a failed rank alike, with SIGTERM
+to its process group and exit 1, so a terminal's Ctrl-C reaches each rank twice and stops it mid-step. Its
+main() runs here with subprocess, signal and os rerouted: ranks start in their own session and get each signal
+the launcher gets; a failed rank stops the others at once (after up to GRACE s for them to fail alike on bad
+input, so rank 0's line is printed); the exit code is the first failing rank's. The launcher is loaded from its
+file, as `import oneflow` takes seconds and installs a SIGINT handler.
 """
 
 import importlib.util
@@ -31,9 +17,9 @@ import sys
 import time
 from types import SimpleNamespace
 
+from isbi_unet.runtime import BAD_INPUT
+
 GRACE = 10  # seconds; ranks stopping together exit within about one of each other
-BAD_INPUT = 2  # errors.run_main's exit code for bad input, which every rank finds by itself
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Ranks:
@@ -43,9 +29,8 @@ class Ranks:
         self.processes, self.stopping = [], False
 
     def popen(self, *args, **kwargs):
-        process = subprocess.Popen(*args, start_new_session=True, **kwargs)
-        self.processes.append(process)
-        return process
+        self.processes.append(subprocess.Popen(*args, start_new_session=True, **kwargs))
+        return self.processes[-1]
 
     def forward(self, signum, frame=None):
         self.stopping = True
@@ -54,57 +39,46 @@ class Ranks:
                 process.send_signal(signum)
 
     def killpg(self, pgid, signum):
-        """OneFlow's response to a failed rank: the others stop at once, as after a second Ctrl-C.
-
-        They cannot finish a step without it (measured: a rank waiting for a peer that exited aborts with a
-        glog stack trace after 10 s). Two different signals, since a second SIGTERM still pending merges with the
-        first. Nothing is sent when the ranks are already stopping on a forwarded signal.
-        """
-        if self.stopping:
+        """OneFlow's answer to a failed rank: the others stop at once (measured: a rank whose peer exited aborts
+        with a glog stack trace after 10 s), by two signals, since a second SIGTERM pending merges with the first."""
+        if self.stopping:  # already stopping on a forwarded signal
             return
         if any(process.poll() == BAD_INPUT for process in self.processes):
-            # Every rank checks the same flags and files, and only rank 0 prints: give it time to say what is wrong.
-            self.wait(GRACE, kill=False)
+            self.wait(GRACE, kill=False)  # every rank checks the same input; only rank 0 says what is wrong
         self.forward(signal.SIGTERM)
         self.forward(signal.SIGINT)
 
     def wait(self, grace=GRACE, kill=True):
-        deadline = time.time() + grace
+        deadline = time.monotonic() + grace
         for process in self.processes:
             try:
-                process.wait(max(0.0, deadline - time.time()))
+                process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 if kill:
                     process.kill()
                     process.wait()
 
 
-class Shim(SimpleNamespace):
-    """A stand-in for a module: the given names replaced, every other name the module's own."""
-
-    def __init__(self, module, **replaced):
-        super().__init__(**replaced)
-        self._module = module
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-
 def oneflow_launcher(ranks):
-    """OneFlow's launch.py as a fresh module, with its subprocess, signal and os names rerouted to `ranks`."""
+    """OneFlow's launch.py as a fresh module, its subprocess, signal and os names rerouted to `ranks`."""
     spec = importlib.util.find_spec("oneflow")
     if spec is None or not spec.submodule_search_locations:
         print("error: oneflow is not installed in this Python (source setup.sh first)", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(BAD_INPUT)
     path = os.path.join(spec.submodule_search_locations[0], "distributed", "launch.py")
     module_spec = importlib.util.spec_from_file_location("oneflow_launch", path)
     launch = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(launch)
-    launch.subprocess = Shim(subprocess, Popen=ranks.popen)
-    launch.signal = Shim(signal, signal=lambda signum, handler: None)
-    launch.os = Shim(os, killpg=ranks.killpg)
+    launch.subprocess = rerouted(subprocess, Popen=ranks.popen)
+    launch.signal = rerouted(signal, signal=lambda signum, handler: None)  # ours, installed first, stay
+    launch.os = rerouted(os, killpg=ranks.killpg)
     launch.print = quiet_print
     return launch
+
+
+def rerouted(module, **names):
+    """A stand-in for `module`: its names, with `names` replaced."""
+    return SimpleNamespace(**{**vars(module), **names})
 
 
 def quiet_print(*args, **kwargs):
@@ -113,23 +87,19 @@ def quiet_print(*args, **kwargs):
         print(*args, **kwargs)
 
 
-def exit_code(returncode):
-    return 128 - returncode if returncode < 0 else returncode
-
-
 def main():
     ranks = Ranks()
-    for s in SIGNALS:
+    for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, ranks.forward)
     launch = oneflow_launcher(ranks)
     try:
         launch.main()
         code = 0
     except subprocess.CalledProcessError as e:
-        code = exit_code(e.returncode)
+        code = 128 - e.returncode if e.returncode < 0 else e.returncode  # a rank ended by signal N: 128 + N
     except ValueError as e:  # its checks of --master_port and --logdir
         print(f"error: {e}", file=sys.stderr)
-        code = 2
+        code = BAD_INPUT
     ranks.wait()
     sys.exit(code)
 

@@ -1,26 +1,20 @@
-"""Ends a data-parallel process whose training has stopped moving: a frozen peer must not hang the job.
+"""Ends a data-parallel process whose training stopped moving, since a frozen peer would hang the job forever.
 
-A node that dies ends the job within seconds (OneFlow aborts on the broken socket), but one that is
-frozen and still connected (SIGSTOP, a hung driver, a VM paused) leaves every other rank blocked in a
-collective forever. The training loop feeds the watchdog at the start of every step (feed()); when no
-step has begun for --step_timeout seconds, a thread prints one line naming the epoch and step,
+A dead node ends the job within seconds (OneFlow aborts on the broken socket), but a frozen one still connected
+(SIGSTOP, a hung driver, a paused VM) leaves every other rank blocked in a collective. The training loop calls
+feed() as each step begins; after --step_timeout seconds without one, a thread prints
 
     error: no progress for 1800 s since epoch 3 step 12 began (--step_timeout 1800): ...
 
-and ends the process with exit code 3 (os._exit: the main thread is stuck inside OneFlow). The launcher
-then ends the rest of the node (lifeline.py). The time between epochs (precise BN, validation, saving)
-counts as part of the epoch's last step, so --step_timeout must exceed one step plus that. Checkpoints
-are written kill-safe (checkpoint.py), so `last` stays loadable and --resume continues from it.
-Armed only under the launcher: one process has no peer to wait for.
+and exits 3 (the main thread is stuck inside OneFlow). The time between epochs (precise BN, validation,
+saving) counts as the epoch's last step. Checkpoints are kill-safe, so --resume continues from `last`.
 """
 
 import os
-import sys
 import threading
 import time
 
-STEP_TIMEOUT = 1800.0  # seconds; TrainUnetDataSet's --step_timeout default
-EXIT_CODE = 3
+from isbi_unet.runtime import STALLED, exit_now, whoami
 
 _watch = {"thread": None, "stop": None, "last": 0.0, "where": (0, 0)}
 
@@ -54,12 +48,10 @@ def _watch_loop(timeout, resume_from, stop):
             epoch, step = _watch["where"]
             where = f"epoch {epoch} step {step} began" if epoch else "training started"
             saved = f"continue with --resume {resume_from}"  # written by global rank 0 only
-            if int(os.environ.get("RANK") or 0) == 0 and not os.path.exists(resume_from):
+            if whoami().rank == 0 and not os.path.exists(resume_from):
                 saved = "no epoch finished, so no checkpoint was saved"
-            print(
-                f"error: no progress for {timeout:g} s since {where} (--step_timeout {timeout:g}): another "
-                f"process of this job stopped responding (a frozen or unreachable node?); stopped, {saved}",
-                file=sys.stderr,
-                flush=True,
+            message = (
+                f"no progress for {timeout:g} s since {where} (--step_timeout {timeout:g}): another process of "
+                f"this job stopped responding (a frozen or unreachable node?); stopped, {saved}"
             )
-            os._exit(EXIT_CODE)
+            exit_now(message, STALLED, every_rank=True)

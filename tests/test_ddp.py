@@ -1,4 +1,5 @@
-"""Data-parallel training through the real launcher, two CPU processes."""
+"""Data-parallel training through the real launcher, two CPU processes: isbi_unet.launch (what train.sh runs),
+and the article's command, OneFlow's launcher as written."""
 
 import os
 
@@ -9,8 +10,8 @@ from conftest import TINY, free_port, run
 from unet import UNet
 
 
-def launch(*args):
-    return run("-m", "oneflow.distributed.launch", "--nproc_per_node", 2, "--master_port", free_port(), *args)
+def launch(*args, launcher="isbi_unet.launch", check=True):
+    return run("-m", launcher, "--nproc_per_node", 2, "--master_port", free_port(), *args, check=check)
 
 
 def test_two_processes_end_with_identical_weights(data, tmp_path):
@@ -28,11 +29,10 @@ def test_two_processes_end_with_identical_weights(data, tmp_path):
     assert np.abs(r0["inc.double_conv.0.weight"] - init).max() > 1e-4
 
 
-def test_launcher_command_trains_and_only_rank0_writes(data, tmp_path):
+def test_the_articles_command_trains_and_only_rank0_writes(data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    out = launch(
-        "TrainUnetDataSet.py", "--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", ckpt, *TINY
-    ).stdout
+    flags = ["--data_path", f"{data}/train", "--epochs", 2, "--checkpoint_dir", ckpt, *TINY]
+    out = launch("TrainUnetDataSet.py", *flags, launcher="oneflow.distributed.launch").stdout
     assert "batch 2 x 2 process(es)" in out
     assert out.count("epoch   2/2") == 1  # rank 1 prints nothing
     assert os.path.isfile(ckpt / "best" / "pickled_data")
@@ -51,24 +51,8 @@ def test_recipe_batch_is_split_over_processes():
 
 
 def test_graph_under_the_launcher_says_why_not(data, tmp_path):
-    proc = run(
-        "-m",
-        "oneflow.distributed.launch",
-        "--nproc_per_node",
-        2,
-        "--master_port",
-        free_port(),
-        "TrainUnetDataSet.py",
-        "--data_path",
-        f"{data}/train",
-        "--epochs",
-        1,
-        "--checkpoint_dir",
-        tmp_path / "ckpt",
-        "--graph",
-        *TINY,
-        check=False,
-    )
-    assert proc.returncode != 0
+    flags = ["--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", tmp_path / "ckpt", "--graph", *TINY]
+    proc = launch("TrainUnetDataSet.py", *flags, check=False)
+    assert proc.returncode == 2, proc.stderr
     assert "error: --graph runs on one process" in proc.stderr
     assert not (tmp_path / "ckpt").exists()

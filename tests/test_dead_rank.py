@@ -1,6 +1,7 @@
-"""Under the real launcher (two CPU ranks), a rank that dies ends the whole job, non-zero, with no rank
+"""Under the real launchers (two CPU ranks), a rank that dies ends the whole job, non-zero, with no rank
 left behind: killed mid-training, and killed at start-up while the other rank waits for it inside
-`import oneflow` (the case that hung before lifeline.py: that rank was left waiting forever)."""
+`import oneflow`. Under OneFlow's launcher started by another program (so not leading its process group)
+that rank was left waiting forever until isbi_unet/runtime.py tied each rank to its launcher's life."""
 
 import os
 import signal
@@ -49,14 +50,15 @@ def wait_until(condition, timeout, what):
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("launcher", ["oneflow.distributed.launch", "isbi_unet.launch"])
 @pytest.mark.parametrize("when", ["start-up", "mid-training"])
-def test_a_dead_rank_ends_the_job(tmp_path, when):
+def test_a_dead_rank_ends_the_job(tmp_path, when, launcher):
     data = write_dataset(str(tmp_path / "data"), n_train=40, n_test=1)
     out = tmp_path / "out.txt"
     cmd = [
         sys.executable,
         "-m",
-        "oneflow.distributed.launch",
+        launcher,
         "--nproc_per_node",
         "2",
         "--master_port",
@@ -78,8 +80,8 @@ def test_a_dead_rank_ends_the_job(tmp_path, when):
         wait_until(lambda: len(children(launcher.pid)) == 2, 60, "two ranks")
         ranks = children(launcher.pid)
         if when == "start-up":
-            # Rank 0 has loaded OneFlow's library, so it is inside `import oneflow` (past lifeline's
-            # guard) and will wait there for rank 1 to join; rank 1 is about as far, not yet joined.
+            # Rank 0 has loaded OneFlow's library, so it is inside `import oneflow` (past runtime.join_job)
+            # and will wait there for rank 1 to join OneFlow's rendezvous; rank 1 is about as far, not yet joined.
             wait_until(lambda: "liboneflow" in maps(ranks[0]), 60, "rank 0 to load liboneflow")
         else:
             wait_until(lambda: "epoch   1/50" in out.read_text(), 300, "epoch 1")

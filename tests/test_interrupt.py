@@ -148,7 +148,7 @@ def test_a_bad_flag_under_the_launcher_is_one_line_and_exit_2(data, tmp_path):
 NAN_ON_RANK_1 = """
 import sys
 sys.path.insert(0, {repo!r})
-import TrainUnetDataSet  # first: it ties this rank to the launcher before oneflow is imported
+import TrainUnetDataSet
 import oneflow as flow
 from isbi_unet import engine
 from isbi_unet.errors import run_main

@@ -9,7 +9,24 @@ import pytest
 from conftest import REPO, write_dataset
 
 # What needs no OneFlow: tools/torch_reference.py runs these under PyTorch, and plot.py and evaluate.py start fast.
-CORE = ["errors", "flags", "images", "dataset", "augment", "tiling", "metrics", "figures", "lifeline", "onnx_backend"]
+CORE = [
+    "errors",
+    "flags",
+    "images",
+    "dataset",
+    "augment",
+    "tiling",
+    "metrics",
+    "figures",
+    "runtime",
+    "interrupt",
+    "watchdog",
+    "launch",
+    "outputs",
+    "predictor",
+    "bioimageio",
+    "onnx_backend",
+]
 BLOCK_ONEFLOW = "import sys; sys.modules['oneflow'] = None"  # any `import oneflow` now raises ImportError
 
 
