@@ -9,20 +9,14 @@
     python3 predict_unet_test.py --checkpoint unet.onnx     # ONNX Runtime (export_onnx.py writes unet.onnx)
     python3 predict_unet_test.py --checkpoint unet.onnx checkpoints/last --tta   # ONNX and OneFlow, averaged
 
-For every input NAME.png it writes save_res_path/NAME.png, the binary mask in the label convention
-(255 = cell, 0 = membrane), and save_res_path/prob/NAME.png, the cell probability x 255 (uint8); when
-all slices share one size, also save_res_path/submission.tif, the ISBI 2012 submission stack (32-bit
-float cell probabilities, 0 = membrane). A stack's slices are named by page (0.png, 1.png, ...), and
-its masks and probabilities also go to save_res_path/mask.tif and prob.tif (uint8, page order).
-With --label_path (a folder, or a stack) it prints V_rand, V_info and pixel error
-per slice and for the stack (metrics.py). The model is rebuilt from the checkpoint alone; given several
-checkpoints, their cell probabilities are averaged (an ensemble, e.g. of runs with different --seed).
-A path ending in .onnx (export_onnx.py), or a bioimage.io package .zip made by export_onnx.py --bioimageio,
-runs in ONNX Runtime instead of OneFlow, several times faster on a CPU (docs/deploy.md), at any image size
-(an .onnx file exported with a fixed input size tiles other sizes at it, and one line says so).
-save_res_path/run.json records the checkpoint, the settings and the versions, device and code commit
-that produced the masks, and which files are the results: a later run into the same folder replaces them
-as a whole, and a folder holding anything else is refused (--overwrite writes there anyway).
+For every input NAME it writes save_res_path/NAME.png, the mask (255 = cell, 0 = membrane, as labels),
+and prob/NAME.png, the cell probability x 255; when all slices share one size, also submission.tif, the
+ISBI 2012 submission (32-bit float cell probabilities); for a stack in, mask.tif and prob.tif too (pages
+named 0, 1, ...). With --label_path it prints V_rand, V_info and pixel error per slice and for the stack.
+Several checkpoints are an ensemble (their probabilities averaged). An .onnx file (export_onnx.py) or a
+bioimage.io package .zip (export_onnx.py --bioimageio) runs in ONNX Runtime, several times faster on a CPU.
+run.json records the model, the settings, versions and code commit, and which files are the results: a
+later run into the same folder replaces them as a whole; a folder holding anything else is refused.
 """
 
 from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
@@ -39,7 +33,7 @@ import oneflow  # noqa: F401  imported under the start-up guard, before keyboard
 from isbi_unet.device import default_processes, select_device
 from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main, warn
 from isbi_unet.flags import Parser
-from isbi_unet.images import read_label, read_slice, slice_names, slice_path, write_png
+from isbi_unet.images import read_to_segment, write_png
 from isbi_unet.metrics import print_scores
 from isbi_unet.outputs import claim_folder, start_output
 from isbi_unet.predictor import Predictor, Spec, predict_all, threads_per_process, uses_every_core
@@ -105,40 +99,6 @@ def check_outputs(args):
     claim_folder(args.save_res_path, "--save_res_path", RECORD, args.overwrite)
 
 
-def output_names(folder, names):
-    """NAME.png for each input; two inputs that would share one output name are refused."""
-    outputs = {}
-    for name in names:
-        out = os.path.splitext(name)[0] + ".png"
-        if out in outputs:
-            raise DataError(f"{folder}: {outputs[out]} and {name} would both be written as {out}; rename one")
-        outputs[out] = name
-    return list(outputs)
-
-
-def read_inputs(args):
-    """(names, output file names, images, labels or None), every one checked before any work."""
-    names = slice_names(args.Test_Data_path)
-    out_names = output_names(args.Test_Data_path, names)
-    images = [read_slice(args.Test_Data_path, n) for n in names]
-    small = [n for n, im in zip(names, images) if min(im.shape) < 16]
-    if small:
-        raise DataError(
-            f"{slice_path(args.Test_Data_path, small[0])}: smaller than 16 pixels, too small for four poolings"
-        )
-    labels = read_labels(args.label_path, names, images) if args.label_path else None
-    return names, out_names, images, labels
-
-
-def read_labels(label_path, names, images):
-    """The label of every input slice (same name, or same page), checked like training labels."""
-    present = set(slice_names(label_path))
-    for name in names:
-        if name not in present:
-            raise DataError(f"{slice_path(label_path, name)}: no label for {name}")
-    return [read_label(label_path, name, image.shape) for name, image in zip(names, images)]
-
-
 def open_predictor(args, device, n_images):
     """Every --checkpoint loaded and checked here, so a bad one fails before any output; --workers defaulted."""
     if args.workers is None:
@@ -187,7 +147,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_outputs(args)
     device = select_device(args.device)
-    names, out_names, images, labels = read_inputs(args)
+    names, out_names, images, labels = read_to_segment(args.Test_Data_path, args.label_path)
     check_tiling(args.tile, args.overlap, 1)
     predictor = open_predictor(args, device, len(images))
     outputs = [*out_names, "prob", "submission.tif", *(STACKS if is_stack(args.Test_Data_path) else ())]

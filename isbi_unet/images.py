@@ -275,3 +275,36 @@ def inverse_dihedral(arr, k):
     if k >= 4:
         arr = arr[..., ::-1]
     return np.ascontiguousarray(arr)
+
+
+def output_names(folder, names):
+    """NAME.png for each input; two inputs that would share one output name are refused."""
+    outputs = {}
+    for name in names:
+        out = os.path.splitext(name)[0] + ".png"
+        if out in outputs:
+            raise DataError(f"{folder}: {outputs[out]} and {name} would both be written as {out}; rename one")
+        outputs[out] = name
+    return list(outputs)
+
+
+def read_to_segment(path, label_path=None):
+    """(names, output PNG names, images, labels or None) of a folder or stack to segment, all checked
+    before any work: every slice decodes and is large enough, and labels (if given) pair with them."""
+    names = slice_names(path)
+    out_names = output_names(path, names)
+    images = [read_slice(path, n) for n in names]
+    small = [n for n, im in zip(names, images) if min(im.shape) < 16]
+    if small:
+        raise DataError(f"{slice_path(path, small[0])}: smaller than 16 pixels, too small for four poolings")
+    labels = read_labels(label_path, names, images) if label_path else None
+    return names, out_names, images, labels
+
+
+def read_labels(label_path, names, images):
+    """The label of every input slice (same name, or same page), checked like training labels."""
+    present = set(slice_names(label_path))
+    for name in names:
+        if name not in present:
+            raise DataError(f"{slice_path(label_path, name)}: no label for {name}")
+    return [read_label(label_path, name, image.shape) for name, image in zip(names, images)]
