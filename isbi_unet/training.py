@@ -226,3 +226,16 @@ def truncate_log(path, last_epoch):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def log_row(epoch, train_loss, scores, lr, seconds):
+    """One log.csv row: the epoch's losses and scores (nan where none was scored), lr after it and its time."""
+    row = dict(epoch=epoch, train_loss=f"{train_loss:.5f}")
+    row.update({k: f"{scores.get(k, math.nan):.5f}" for k in ("val_loss", "v_rand", "v_info", "pixel_error")})
+    return dict(row, lr=f"{lr:.3g}", seconds=f"{seconds:.1f}")
+
+
+def is_best(v_rand, best_v_rand):
+    """Whether an epoch scoring `v_rand` is the best so far: the highest finite V_rand; until there is
+    one (no held-out block, or labels without cells) every epoch is, so `best` follows `last`."""
+    return v_rand > best_v_rand if math.isfinite(v_rand) else not math.isfinite(best_v_rand)

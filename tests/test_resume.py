@@ -2,6 +2,7 @@
 run without touching its last good checkpoint; a checkpoint swap cut short still loads."""
 
 import csv
+import json
 import os
 import re
 import signal
@@ -75,8 +76,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     flags = ["--data_path", f"{data}/train", "--checkpoint_dir", ckpt, *TINY]
     run("TrainUnetDataSet.py", *flags, "--epochs", 1)
     good = {p: b for p, b in snapshot(ckpt).items() if "/best/" in p or "/last/" in p}
-    # Adam moves every weight by about lr per step: with lr 1e10 the second step's logits overflow.
-    proc = run("TrainUnetDataSet.py", *flags, "--epochs", 3, "--resume", ckpt / "last", "--lr", 1e10, check=False)
+    # Adam moves every weight by about lr per step: with lr 1e10 the second step's logits overflow. A resumed
+    # run takes its lr from config.json, so the run's record is what is raised.
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(dict(config, lr=1e10)))
+    proc = run("TrainUnetDataSet.py", *flags, "--epochs", 3, "--resume", ckpt / "last", check=False)
     assert_fails(proc, f"epoch 2 step 2: loss is nan; stopped, last good checkpoint is {ckpt / 'last'}")
     assert {p: b for p, b in snapshot(ckpt).items() if "/best/" in p or "/last/" in p} == good
     assert read_epochs(ckpt / "log.csv") == [1]
