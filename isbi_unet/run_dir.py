@@ -67,42 +67,54 @@ def read_config(path):
 def resumed_flags(flags, given, may_change=MAY_CHANGE):
     """(the run's config.json record, `flags` with the run's own settings, what this resume changes).
 
-    Settings come from config.json beside --resume's folder, else the checkpoint's run_args. A flag in
-    `given` (on the command line) that would change what is trained is refused, naming both values;
-    --epochs and the flags in `may_change` take this command's values.
+    Settings come from config.json beside --resume's folder (as earlier resumes left them), else the
+    checkpoint's run_args. A flag in `given` (on the command line) that would change what is trained is
+    refused, naming both values; the flags in `may_change` take this command's values, and --epochs,
+    when not given, the run's.
     """
     path = config_path(flags["resume"])
-    stored = read_config(path)
-    if stored is None:  # a checkpoint copied on its own
-        path, stored = flags["resume"], load_checkpoint(flags["resume"]).get("run_args") or {}
-    kept, changed = dict(flags), {}
-    for key, value in flags.items():
-        if key not in stored or key in may_change and key in given:
-            continue
-        theirs = os.path.join(stored.get("cwd", ""), stored[key]) if key == "data_path" else stored[key]
-        if key in given and not same_setting(key, value, theirs, stored):
-            raise DataError(f"--{key} {value} differs from the run's {stored[key]} ({path}); {KEPT}")
-        if key in may_change and key != "epochs":
-            continue  # not given: this command's default, not the run's (--device auto, say)
-        kept[key] = value if key in given else theirs
-    for key in given:
-        if key in stored and stored[key] != kept[key]:
-            changed[key] = [stored[key], kept[key]]
-    return stored, kept, changed
+    record = read_config(path)
+    if record is None:  # a checkpoint copied on its own
+        path, record = flags["resume"], load_checkpoint(flags["resume"]).get("run_args") or {}
+    run = current_settings(record)
+    kept = dict(flags, data_path=os.path.abspath(flags["data_path"]))
+    for key in [k for k in flags if k in run and k not in may_change]:
+        if key not in given:
+            kept[key] = run[key]
+        elif not same_setting(key, kept[key], run[key], record):
+            raise DataError(f"--{key} {flags[key]} differs from the run's {run[key]} ({path}); {KEPT}")
+    if "epochs" not in given and "epochs" in run:
+        kept["epochs"] = run["epochs"]
+    changed = {k: [run[k], kept[k]] for k in flags if k in given and k in run and not same(k, run[k], kept[k])}
+    return record, kept, changed
 
 
 KEPT = "a resumed run keeps its settings (only --epochs, --device, --num_workers and the timeouts may change)"
 
 
-def same_setting(key, value, theirs, stored):
+def current_settings(record):
+    """A config.json record's settings as its last resume left them, --data_path made absolute."""
+    run = dict(record)
+    if "data_path" in run:
+        run["data_path"] = os.path.abspath(os.path.join(record.get("cwd", ""), run["data_path"]))
+    for resume in record.get("resumed", []):
+        run.update({key: new for key, (_, new) in resume.get("changed", {}).items()})
+    return run
+
+
+def same(key, a, b):
+    return os.path.realpath(a) == os.path.realpath(b) if key == "data_path" else a == b
+
+
+def same_setting(key, value, theirs, record):
     """Whether a given flag asks for what the run had; data under another path counts when its bytes match."""
-    if key != "data_path":
-        return value == theirs
-    if os.path.realpath(value) == os.path.realpath(theirs):
+    if same(key, value, theirs):
         return True
-    if not os.path.exists(value):
+    if key != "data_path" or not os.path.exists(value):
         return False
-    return data_fingerprint(value) == (stored.get("data_sha256") or data_fingerprint(theirs))
+    if not record.get("data_sha256") and not os.path.exists(theirs):
+        return False
+    return data_fingerprint(value) == (record.get("data_sha256") or data_fingerprint(theirs))
 
 
 def data_fingerprint(data_path):
