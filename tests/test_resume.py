@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,3 +253,14 @@ def test_a_last_batch_of_one_at_a_1x1_bottleneck_trains_without_nan(tmp_path):
     with open(tmp_path / "ckpt" / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(math.isfinite(float(r[k])) for r in rows for k in ("train_loss", "val_loss"))
+
+
+def test_a_checkpoint_copied_alone_resumes_with_the_settings_it_holds(trained, tmp_path):
+    alone = tmp_path / "alone"
+    shutil.copytree(trained / "last", alone / "last")  # as copied to another node, without config.json
+    assert_fails(
+        resume(alone / "last", "--width", 8, check=False), "--width 8 differs from the run's 4", alone / "last"
+    )
+    out = resume(alone / "last", "--epochs", 2).stdout
+    assert "width 4, crop 32, batch 2" in out and "4 training slices" in out
+    assert read_epochs(alone / "log.csv") == [2]
