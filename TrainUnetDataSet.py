@@ -187,7 +187,7 @@ def start_run(s, engine, checkpoint, steps_per_epoch, master_process):
     if checkpoint is not None:
         done = checkpoint["epoch"]
         if s.epochs < done:
-            raise DataError(f"--epochs {s.epochs}: {s.resume} has already trained {done}; ask for more to continue it")
+            raise DataError(f"--epochs {s.epochs} is fewer than the {done} epochs {s.resume} has already trained")
         note = engine.load_state_dict(checkpoint, done * steps_per_epoch, s.lr)
         if note and master_process:
             print(f"note: {s.resume} {note}")

@@ -224,7 +224,9 @@ def test_fewer_epochs_than_done_says_so_and_writes_nothing(data, tmp_path):
     ckpt = tmp_path / "ckpt"
     train_script(f"{data}/train", ckpt, epochs=2)
     before = snapshot(ckpt)
-    assert_fails(resume(ckpt / "last", "--epochs", 1, check=False), "--epochs 1", "already trained 2")
+    assert_fails(
+        resume(ckpt / "last", "--epochs", 1, check=False), "--epochs 1 is fewer than the 2 epochs", ckpt / "last"
+    )
     assert snapshot(ckpt) == before
 
 
