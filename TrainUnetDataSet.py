@@ -112,7 +112,7 @@ def resolve_args(args, cuda, world_size=1):
     config.json, recipe defaults filled, nonsense refused before any heavy work."""
     flags, original, changed = {k: v for k, v in vars(args).items() if k != "given"}, None, None
     if flags["resume"]:
-        original, flags, changed = run_dir.resumed_flags(flags, getattr(args, "given", ()))
+        original, flags, changed = run_dir.resumed_flags(flags, getattr(args, "given", ()), world_size)
     flags = apply_recipe(flags, cuda, world_size)
     if original:
         flags["recipe_reason"] = f"the resumed run's: {original.get('recipe_reason')}"

@@ -12,7 +12,7 @@ import os
 import shutil
 
 from isbi_unet.checkpoint import load_checkpoint
-from isbi_unet.errors import DataError, atomic_write, check_apart, check_output_dir, make_output_dir
+from isbi_unet.errors import DataError, atomic_write, check_apart, check_output_dir, make_output_dir, warn
 from isbi_unet.images import list_images, training_sources
 from isbi_unet.record import run_record
 from isbi_unet.training import truncate_log
@@ -64,19 +64,21 @@ def read_config(path):
     return config
 
 
-def resumed_flags(flags, given, may_change=MAY_CHANGE):
+def resumed_flags(flags, given, world_size=1, may_change=MAY_CHANGE):
     """(the run's config.json record, `flags` with the run's own settings, what this resume changes).
 
     Settings come from config.json beside --resume's folder (as earlier resumes left them), else the
     checkpoint's run_args. A flag in `given` (on the command line) that would change what is trained is
     refused, naming both values; the flags in `may_change` take this command's values, and --epochs,
-    when not given, the run's.
+    when not given, the run's. Another number of processes is allowed with a warning, and recorded.
     """
     path = config_path(flags["resume"])
     record = read_config(path)
     if record is None:  # a checkpoint copied on its own
         path, record = flags["resume"], load_checkpoint(flags["resume"]).get("run_args") or {}
     run = current_settings(record)
+    if run.get("world_size", world_size) != world_size:  # not a flag, but the total batch and steps change
+        warn(f"{path}: the run trained on {run['world_size']} process(es), this resume on {world_size}")
     kept = dict(flags, data_path=os.path.abspath(flags["data_path"]))
     for key in [k for k in flags if k in run and k not in may_change]:
         if key not in given:
@@ -86,6 +88,8 @@ def resumed_flags(flags, given, may_change=MAY_CHANGE):
     if "epochs" not in given and "epochs" in run:
         kept["epochs"] = run["epochs"]
     changed = {k: [run[k], kept[k]] for k in flags if k in given and k in run and not same(k, run[k], kept[k])}
+    if run.get("world_size", world_size) != world_size:
+        changed["world_size"] = [run["world_size"], world_size]
     return record, kept, changed
 
 

@@ -266,3 +266,15 @@ def test_a_checkpoint_copied_alone_resumes_with_the_settings_it_holds(trained, t
     out = resume(alone / "last", "--epochs", 2).stdout
     assert "width 4, crop 32, batch 2" in out and "4 training slices" in out
     assert read_epochs(alone / "log.csv") == [2]
+
+
+def test_another_number_of_processes_is_warned_of_and_recorded(tmp_path, capsys):
+    from isbi_unet.run_dir import resumed_flags
+
+    run = {"data_path": "data/train", "cwd": str(tmp_path), "width": 4, "epochs": 2, "world_size": 1}
+    (tmp_path / "config.json").write_text(json.dumps(run))
+    flags = {"resume": str(tmp_path / "last"), "data_path": "data/train", "width": None, "epochs": 5}
+    record, kept, changed = resumed_flags(flags, {"resume", "epochs"}, world_size=2)
+    assert record == run and kept["width"] == 4 and kept["data_path"] == str(tmp_path / "data/train")
+    assert changed == {"epochs": [2, 5], "world_size": [1, 2]}
+    assert "trained on 1 process(es), this resume on 2" in capsys.readouterr().err
