@@ -33,9 +33,14 @@ import time
 
 from isbi_unet.device import select_device  # OneFlow is imported only where a measurement needs it
 from isbi_unet.errors import DataError, check_flags, run_main
+from isbi_unet.recipes import RECIPES
 from isbi_unet.runtime import whoami
 
-SETTINGS = {"cpu": dict(width=16, size=256, batch=4), "article": dict(width=64, size=512, batch=1)}
+CPU = RECIPES["cpu"]
+SETTINGS = {
+    "cpu": dict(width=CPU["width"], size=CPU["crop_size"], batch=CPU["batch_size"]),
+    "article": dict(width=RECIPES["full"]["width"], size=512, batch=1),  # the article's model, whole slices
+}
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCH_WORKER = os.path.join(HERE, "tools", "torch_unet.py")  # the same U-Net in PyTorch, for --torch_python
 

@@ -82,3 +82,10 @@ def load_model(path, device="cpu"):
         raise DataError(f"{path}: weights do not fit UNet{state['model_config']} ({e})") from None
     model.eval()
     return model, state
+
+
+def saved_note(last_saved):
+    """What a stopped run can continue from: `last_saved` if it exists (a failed save keeps the previous one)."""
+    if last_saved and os.path.exists(last_saved):
+        return f"last good checkpoint is {last_saved}"
+    return "no checkpoint was saved"

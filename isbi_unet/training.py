@@ -15,7 +15,7 @@ import numpy as np
 import oneflow as flow
 from tqdm import tqdm
 
-from isbi_unet import watchdog
+from isbi_unet import runtime, watchdog
 from isbi_unet.errors import atomic_write, cannot_write
 from isbi_unet.images import evenly_spaced
 from isbi_unet.metrics import THRESHOLDS, pixel_error, score_curve
@@ -28,7 +28,7 @@ class NonFiniteLoss(ArithmeticError):
 def all_reduce_sum(values, device):
     """Sums a list of floats over all ranks (a no-op on one process)."""
     t = flow.tensor(values, dtype=flow.float64, device=device)
-    if flow.env.get_world_size() > 1:
+    if runtime.whoami().world > 1:
         flow.comm.all_reduce(t)
     return t.numpy().tolist()
 
@@ -40,7 +40,7 @@ def check_finite(loss_value, epoch, step, device):
     waiting in the next step's all_reduce, and rank 0, the one that prints, would say nothing of why.
     """
     bad = not math.isfinite(loss_value)
-    world_size = flow.env.get_world_size()
+    world_size = runtime.whoami().world
     ranks = int(all_reduce_sum([float(bad)], device)[0]) if world_size > 1 else int(bad)
     if ranks:
         where = f" on {ranks} of {world_size} processes" if world_size > 1 else ""
@@ -86,7 +86,7 @@ def train_one_epoch(engine, loader, epoch, epochs, seed, device, stop=None):
 
     stop: an interrupt.StopSignals, checked after every step (every rank stops at the same step).
     """
-    rank, world_size = flow.env.get_rank(), flow.env.get_world_size()
+    rank, _, world_size, _ = runtime.whoami()
     loader.sampler.set_epoch(epoch)
     loader.dataset.set_epoch(epoch)
     seed_epoch(seed, rank, epoch)  # so a resumed run draws what an uninterrupted one would
@@ -117,7 +117,7 @@ def recompute_bn_stats(model, images, count, batch_size, device):
     the same statistics, so no rank's last batch decides what is saved. Slices may differ in size: each
     batch's statistics are weighted by its pixel count.
     """
-    rank, world_size = flow.env.get_rank(), flow.env.get_world_size()
+    rank, _, world_size, _ = runtime.whoami()
     bns = [m for m in model.modules() if isinstance(m, flow.nn.BatchNorm2d)]
     mine = evenly_spaced(len(images), count)[rank::world_size]
     momenta = [b.momentum for b in bns]
@@ -164,7 +164,7 @@ def evaluate(engine, val_set, criterion, device, epoch):
     Ranks share the slices and sum their results; `engine.infer` runs no collective, so they may
     score different numbers of slices.
     """
-    rank, world_size = flow.env.get_rank(), flow.env.get_world_size()
+    rank, _, world_size, _ = runtime.whoami()
     engine.model.eval()
     if world_size > 1:
         # Each rank's last training forward updated its own BatchNorm statistics; score with rank 0's.
@@ -226,3 +226,16 @@ def truncate_log(path, last_epoch):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def log_row(epoch, train_loss, scores, lr, seconds):
+    """One log.csv row: the epoch's losses and scores (nan where none was scored), lr after it and its time."""
+    row = dict(epoch=epoch, train_loss=f"{train_loss:.5f}")
+    row.update({k: f"{scores.get(k, math.nan):.5f}" for k in ("val_loss", "v_rand", "v_info", "pixel_error")})
+    return dict(row, lr=f"{lr:.3g}", seconds=f"{seconds:.1f}")
+
+
+def is_best(v_rand, best_v_rand):
+    """Whether an epoch scoring `v_rand` is the best so far: the highest finite V_rand; until there is
+    one (no held-out block, or labels without cells) every epoch is, so `best` follows `last`."""
+    return v_rand > best_v_rand if math.isfinite(v_rand) else not math.isfinite(best_v_rand)

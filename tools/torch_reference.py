@@ -30,7 +30,10 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 from isbi_unet import dataset, images, metrics, tiling  # noqa: E402  (the framework-free core)
 from isbi_unet.errors import run_main  # noqa: E402
+from isbi_unet.recipes import RECIPES  # noqa: E402
 from tools.torch_unet import torch_unet  # noqa: E402
+
+CPU = RECIPES["cpu"]  # the recipe this script screens changes to
 
 
 def parse_args(argv=None):
@@ -44,10 +47,10 @@ def parse_args(argv=None):
         help="first slice of the held-out block (-1 = the last N), as TrainUnetDataSet.py's --val_start",
     )
     p.add_argument("--steps", type=int, default=260, help="training steps (the OneFlow CPU default runs 260)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--batch", type=int, default=4, help="crops per step")
-    p.add_argument("--crop", type=int, default=256, help="side of the random square crops")
-    p.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
+    p.add_argument("--lr", type=float, default=CPU["lr"], help="Adam learning rate")
+    p.add_argument("--batch", type=int, default=CPU["batch_size"], help="crops per step")
+    p.add_argument("--crop", type=int, default=CPU["crop_size"], help="side of the random square crops")
+    p.add_argument("--width", type=int, default=CPU["width"], help="channels of the first U-Net level")
     p.add_argument("--elastic", type=float, default=10, help="elastic deformation sigma in px (0 = off)")
     p.add_argument(
         "--clahe",
@@ -184,7 +187,7 @@ def main(argv=None):
         seed=a.seed,
         elastic_sigma=a.elastic,
         border_weight=a.border_weight,
-        samples_per_slice=4,
+        samples_per_slice=CPU["samples_per_slice"],
     )
     val = dataset.Slices(image_dir, label_dir, names=held)
     # The training set's .images/.labels are its whole, unaugmented slices (augmentation happens per item).

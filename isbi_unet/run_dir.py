@@ -1,0 +1,165 @@
+"""A training run's folder (--checkpoint_dir): who may write it, and config.json, the run's settings.
+
+A folder holds a run once it has any of RUN_FILES. A new run never replaces another unless told
+(--overwrite); a resumed run continues in its checkpoint's own folder, keeps the log rows of the epochs
+it does not redo, and reads its settings back from config.json, where each resume is appended to a
+"resumed" list beside the original settings.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+
+from isbi_unet.checkpoint import load_checkpoint
+from isbi_unet.errors import DataError, atomic_write, check_apart, check_output_dir, make_output_dir, warn
+from isbi_unet.images import list_images, training_sources
+from isbi_unet.record import run_record
+from isbi_unet.training import truncate_log
+
+RUN_FILES = ("log.csv", "config.json", "best", "last")  # what makes a folder hold a run
+# Flags a resumed run may change: how long, where and how it runs. Every other flag is the run's own.
+MAY_CHANGE = frozenset("epochs device num_workers join_timeout step_timeout checkpoint_dir resume overwrite".split())
+
+
+def checkpoint_dir_for(checkpoint_dir, resume, data_path, overwrite, master_process=True):
+    """(folder, whether a run there is replaced): --checkpoint_dir, by default the folder of --resume.
+
+    Refused before any work when the folder lies in the data, cannot be written, or holds another run
+    without --overwrite.
+    """
+    if checkpoint_dir is None:
+        checkpoint_dir = (os.path.dirname(resume) or ".") if resume else "checkpoints"
+    check_apart(checkpoint_dir, "--checkpoint_dir", [(data_path, "--data_path")])
+    check_output_dir(checkpoint_dir, "--checkpoint_dir")
+    folder = os.path.realpath(checkpoint_dir)
+    continuing = resume is not None and os.path.realpath(os.path.dirname(resume) or ".") == folder
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
+    replace_run = bool(found) and not continuing
+    # Only rank 0 decides: it writes the folder, and another rank looking later could see this run's own files.
+    if replace_run and not overwrite and master_process:
+        raise DataError(
+            f"{checkpoint_dir}: --checkpoint_dir holds another run ({', '.join(found)}); continue it with "
+            f"--resume {os.path.join(checkpoint_dir, 'last')}, write elsewhere, or replace it with --overwrite"
+        )
+    return checkpoint_dir, replace_run
+
+
+def config_path(resume):
+    """config.json of the run that wrote checkpoint `resume` (DIR/config.json for DIR/last)."""
+    return os.path.join(os.path.dirname(resume) or ".", "config.json")
+
+
+def read_config(path):
+    """The dict stored in config.json `path`; None when there is none (a checkpoint copied on its own)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable run settings ({e})") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{path}: not a run's settings (expected a JSON object)")
+    return config
+
+
+def resumed_flags(flags, given, world_size=1, may_change=MAY_CHANGE):
+    """(the run's config.json record, `flags` with the run's own settings, what this resume changes).
+
+    Settings come from config.json beside --resume's folder (as earlier resumes left them), else the
+    checkpoint's run_args. A flag in `given` (on the command line) that would change what is trained is
+    refused, naming both values; the flags in `may_change` take this command's values, and --epochs,
+    when not given, the run's. Another number of processes is allowed with a warning, and recorded.
+    """
+    path = config_path(flags["resume"])
+    record = read_config(path)
+    if record is None:  # a checkpoint copied on its own
+        path, record = flags["resume"], load_checkpoint(flags["resume"]).get("run_args") or {}
+    run = current_settings(record)
+    if run.get("world_size", world_size) != world_size:  # not a flag, but the total batch and steps change
+        warn(f"{path}: the run trained on {run['world_size']} process(es), this resume on {world_size}")
+    kept = dict(flags, data_path=os.path.abspath(flags["data_path"]))
+    for key in [k for k in flags if k in run and k not in may_change]:
+        if key not in given:
+            kept[key] = run[key]
+        elif not same_setting(key, kept[key], run[key], record):
+            raise DataError(f"--{key} {flags[key]} differs from the run's {run[key]} ({path}); {KEPT}")
+    if "epochs" not in given and "epochs" in run:
+        kept["epochs"] = run["epochs"]
+    changed = {k: [run[k], kept[k]] for k in flags if k in given and k in run and not same(k, run[k], kept[k])}
+    if run.get("world_size", world_size) != world_size:
+        changed["world_size"] = [run["world_size"], world_size]
+    return record, kept, changed
+
+
+KEPT = "a resumed run keeps its settings (only --epochs, --device, --num_workers and the timeouts may change)"
+
+
+def current_settings(record):
+    """A config.json record's settings as its last resume left them, --data_path made absolute."""
+    run = dict(record)
+    if "data_path" in run:
+        run["data_path"] = os.path.abspath(os.path.join(record.get("cwd", ""), run["data_path"]))
+    for resume in record.get("resumed", []):
+        run.update({key: new for key, (_, new) in resume.get("changed", {}).items()})
+    return run
+
+
+def same(key, a, b):
+    return os.path.realpath(a) == os.path.realpath(b) if key == "data_path" else a == b
+
+
+def same_setting(key, value, theirs, record):
+    """Whether a given flag asks for what the run had; data under another path counts when its bytes match."""
+    if same(key, value, theirs):
+        return True
+    if key != "data_path" or not os.path.exists(value):
+        return False
+    if not record.get("data_sha256") and not os.path.exists(theirs):
+        return False
+    return data_fingerprint(value) == (record.get("data_sha256") or data_fingerprint(theirs))
+
+
+def data_fingerprint(data_path):
+    """SHA-256 over the training sources' slice names and bytes: the same data under another path matches."""
+    digest = hashlib.sha256()
+    for source in training_sources(data_path):
+        if os.path.isfile(source):  # a stack
+            paths = [source]
+        else:
+            paths = [os.path.join(source, name) for name in list_images(source)]
+        for path in paths:
+            digest.update(os.path.basename(path).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
+
+
+def write_config(path, settings, data_path, device, original=None, changed=None):
+    """config.json: a new run's `settings` with its data's fingerprint and run_record, or for a resumed
+    run the `original` record with this resume (its `changed` settings and run_record) appended to its
+    "resumed" list."""
+    if original is None:
+        record = {**settings, "data_sha256": data_fingerprint(data_path), **run_record(device)}
+    else:
+        record = dict(original)
+        record["resumed"] = [*original.get("resumed", []), {"changed": changed or {}, **run_record(device)}]
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def prepare_run_dir(checkpoint_dir, replace_run, done_epochs):
+    """Rank 0: the folder made, a replaced run's files removed, and log rows after `done_epochs` dropped."""
+    make_output_dir(checkpoint_dir, "--checkpoint_dir")
+    if replace_run:  # --overwrite: nothing of the old run stays to be mistaken for this one's
+        for name in (*RUN_FILES, "loss.png"):
+            remove_path(os.path.join(checkpoint_dir, name))
+    truncate_log(os.path.join(checkpoint_dir, "log.csv"), done_epochs)
+
+
+def remove_path(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
