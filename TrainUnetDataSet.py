@@ -39,7 +39,7 @@ from isbi_unet import run_dir, watchdog
 from isbi_unet.checkpoint import load_checkpoint, save_checkpoint, saved_note
 from isbi_unet.device import select_device
 from isbi_unet.engine import EagerEngine, GraphEngine
-from isbi_unet.errors import DataError, WriteError, run_main
+from isbi_unet.errors import DataError, Interrupted, WriteError, run_main
 from isbi_unet.figures import plot_losses, read_log
 from isbi_unet.flags import Parser
 from isbi_unet.images import split_names, training_sources
@@ -267,6 +267,8 @@ def train(args, device, stop):
                 with stop.protected():  # a second Ctrl-C waits for the checkpoints to be written
                     save_epoch(s, engine, run, epoch, train_loss, scores, time.time() - t0, len(loader))
                     stop.resume_from = run.last_saved
+        if stop.requested():  # during the last epoch's validation or save, which were let finish
+            raise Interrupted(f"interrupted after the last epoch was saved; the run in {s.checkpoint_dir}/ is complete")
     except NonFiniteLoss as e:
         raise DataError(f"{e}; stopped, {saved_note(run.last_saved)}") from None
     except WriteError as e:

@@ -16,6 +16,9 @@ cd "$(dirname "$0")"
 source ./setup.sh
 python3 get_data.py
 NPROC="${NPROC:-$(python3 -m isbi_unet.device 2>/dev/null)}"  # 1 on a GPU, else one per core (at most 4)
+case "$NPROC" in
+    "" | *[!0-9]* | 0 | 0*) echo "error: NPROC must be a whole number of processes, 1 or more, got '$NPROC'" >&2; exit 2 ;;
+esac
 NODES=()  # several machines (docs/several_machines.md): each set variable becomes the launcher's flag
 for v in NNODES NODE_RANK MASTER_ADDR MASTER_PORT; do
     if [ -n "${!v:-}" ]; then NODES+=("--$(echo "$v" | tr A-Z a-z)" "${!v}"); fi

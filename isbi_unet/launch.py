@@ -9,6 +9,7 @@ input, so rank 0's line is printed); the exit code is the first failing rank's. 
 file, as `import oneflow` takes seconds and installs a SIGINT handler.
 """
 
+import argparse
 import importlib.util
 import os
 import signal
@@ -87,7 +88,30 @@ def quiet_print(*args, **kwargs):
         print(*args, **kwargs)
 
 
+def check_counts(argv):
+    """What OneFlow's launcher takes without a word: no processes (it then exits 0 having done nothing), a node
+    rank outside the job. One line and exit 2 instead, before any process starts."""
+    p = argparse.ArgumentParser(add_help=False)
+    for flag, default in (("--nproc_per_node", 1), ("--nnodes", 1), ("--node_rank", 0)):
+        p.add_argument(flag, type=int, default=default)
+    try:
+        counts, _ = p.parse_known_args(argv)
+    except SystemExit:  # not a number: OneFlow's own parser says so, with its usage
+        return
+    for flag in ("nproc_per_node", "nnodes"):
+        if getattr(counts, flag) < 1:
+            refuse(f"--{flag} must be 1 or more, got {getattr(counts, flag)}")
+    if not 0 <= counts.node_rank < counts.nnodes:
+        refuse(f"--node_rank must lie in 0..{counts.nnodes - 1} (--nnodes {counts.nnodes}), got {counts.node_rank}")
+
+
+def refuse(message):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(BAD_INPUT)
+
+
 def main():
+    check_counts(sys.argv[1:])
     ranks = Ranks()
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, ranks.forward)

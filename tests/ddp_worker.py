@@ -1,4 +1,4 @@
-"""Run under oneflow.distributed.launch by test_ddp.py: trains through TrainUnetDataSet.main, then every
+"""Run under isbi_unet.launch by test_ddp.py: trains through TrainUnetDataSet.main, then every
 rank dumps its replica's weights so the test can compare them."""
 
 import os

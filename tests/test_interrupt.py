@@ -295,3 +295,25 @@ def test_ctrl_c_during_prediction_is_one_line_and_exit_130(trained_run, tmp_path
     assert proc.returncode == 130, stderr
     assert stderr_lines(stderr) == ["error: interrupted"], stderr
     assert len(os.listdir(res / "prob")) < 60  # it stopped, rather than finishing
+
+
+def test_ctrl_c_during_the_last_validation_exits_130_with_the_run_complete(data, tmp_path, monkeypatch):
+    import TrainUnetDataSet
+    from isbi_unet.checkpoint import load_checkpoint
+    from isbi_unet.errors import Interrupted
+
+    real = TrainUnetDataSet.evaluate
+
+    def evaluate_then_ctrl_c(engine, val_set, criterion, device, epoch):
+        scores = real(engine, val_set, criterion, device, epoch)
+        if epoch == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # for the signal watcher to count it
+        return scores
+
+    monkeypatch.setattr(TrainUnetDataSet, "evaluate", evaluate_then_ctrl_c)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Interrupted, match="after the last epoch was saved"):
+        TrainUnetDataSet.main(["--data_path", f"{data}/train", "--epochs", "2", "--checkpoint_dir", str(ckpt), *TINY])
+    assert read_epochs(ckpt / "log.csv") == [1, 2]
+    assert load_checkpoint(str(ckpt / "last"), "cpu")["epoch"] == 2

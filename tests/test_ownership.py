@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -208,3 +209,24 @@ def test_a_png_that_cannot_be_written_is_a_write_error_and_leaves_the_old_file(t
         write_png(str(path), np.full((8, 8), 255, np.uint8))
     monkeypatch.undo()
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["0.png"]
+
+
+@pytest.mark.parametrize(
+    "counts", [["--nproc_per_node", "0"], ["--nnodes", "0"], ["--nnodes", "2", "--node_rank", "2"]]
+)
+def test_the_launcher_refuses_counts_that_start_nothing(counts):
+    proc = run("-m", "isbi_unet.launch", *counts, "TrainUnetDataSet.py", "--epochs", "1", check=False)
+    assert_fails(proc, counts[-2])
+
+
+@pytest.mark.parametrize("nproc", ["0", "two", "-1"])
+def test_train_sh_refuses_a_process_count_that_is_not_one_or_more(tmp_path, nproc):
+    from conftest import user_checkout
+
+    root = user_checkout(tmp_path / "repo")
+    env = {**os.environ, "NPROC": nproc}
+    proc = subprocess.run(["bash", "train.sh", "--epochs", "1"], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: NPROC must be a whole number of processes, 1 or more, got '{nproc}'"
+    )
+    assert not (root / "checkpoints" / "config.json").exists()
