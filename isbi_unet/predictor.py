@@ -182,6 +182,9 @@ def predict_all(predictor, images, workers=1):
 
 def ignore_ctrl_c():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent ends the pool
+    # ... with SIGTERM, which must end a worker even when the parent was started with it ignored (nohup, `&`
+    # in some shells): ignored, a worker blocked on a full result pipe keeps Pool.terminate waiting forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @functools.lru_cache(maxsize=1)

@@ -18,6 +18,7 @@ from isbi_unet.record import run_record
 from isbi_unet.training import truncate_log
 
 RUN_FILES = ("log.csv", "config.json", "best", "last")  # what makes a folder hold a run
+RUN_STEMS = {"log", "config", "best", "last", "loss"}  # what a run writes (with loss.png), temporaries included
 # Flags a resumed run may change: how long, where and how it runs. Every other flag is the run's own.
 MAY_CHANGE = frozenset("epochs device num_workers join_timeout step_timeout checkpoint_dir resume overwrite".split())
 
@@ -37,12 +38,27 @@ def checkpoint_dir_for(checkpoint_dir, resume, data_path, overwrite, master_proc
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
     replace_run = bool(found) and not continuing
     # Only rank 0 decides: it writes the folder, and another rank looking later could see this run's own files.
-    if replace_run and not overwrite and master_process:
-        raise DataError(
-            f"{checkpoint_dir}: --checkpoint_dir holds another run ({', '.join(found)}); continue it with "
-            f"--resume {os.path.join(checkpoint_dir, 'last')}, write elsewhere, or replace it with --overwrite"
-        )
+    if master_process and not overwrite:
+        if replace_run:
+            raise DataError(
+                f"{checkpoint_dir}: --checkpoint_dir holds another run ({', '.join(found)}); continue it with "
+                f"--resume {os.path.join(checkpoint_dir, 'last')}, write elsewhere, or replace it with --overwrite"
+            )
+        others = not_a_runs(folder)
+        if others:
+            raise DataError(
+                f"{checkpoint_dir}: --checkpoint_dir holds files a run does not write ({', '.join(others[:3])}); "
+                "choose a new or empty folder, or pass --overwrite to train there anyway"
+            )
     return checkpoint_dir, replace_run
+
+
+def not_a_runs(folder):
+    """Names in `folder` that no run writes (its files, their temporaries such as .best.tmp), but README.md,
+    the repo's own note in checkpoints/."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder) if n.lstrip(".").split(".")[0] not in RUN_STEMS and n != "README.md")
 
 
 def config_path(resume):

@@ -230,3 +230,17 @@ def test_train_sh_refuses_a_process_count_that_is_not_one_or_more(tmp_path, npro
         f"error: NPROC must be a whole number of processes, 1 or more, got '{nproc}'"
     )
     assert not (root / "checkpoints" / "config.json").exists()
+
+
+def test_training_writes_only_into_a_folder_of_runs(tmp_path, data):
+    from isbi_unet.run_dir import checkpoint_dir_for
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "README.md").write_text("the repo's note")  # as checkpoints/ ships
+    (folder / ".best.tmp").mkdir()  # left by a run killed while saving
+    assert checkpoint_dir_for(str(folder), None, data, overwrite=False) == (str(folder), False)
+    (folder / "notes.txt").write_text("theirs")
+    with pytest.raises(DataError, match=r"--checkpoint_dir holds files a run does not write \(notes\.txt\)"):
+        checkpoint_dir_for(str(folder), None, data, overwrite=False)
+    assert checkpoint_dir_for(str(folder), None, data, overwrite=True)[0] == str(folder)

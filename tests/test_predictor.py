@@ -1,13 +1,17 @@
 """isbi_unet.predictor in this process: backends, ensembles, fixed-size tiling and the pool workers' loading."""
 
+import contextlib
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from conftest import REPO, make_slice
+from conftest import REPO, make_slice, write_dataset
 from isbi_unet import checkpoint, predictor
 from isbi_unet.errors import DataError
 from isbi_unet.predictor import OneFlowBackend, OnnxBackend, Predictor, Spec
@@ -108,3 +112,31 @@ def test_the_predictor_imports_without_oneflow():
     code = "import sys; sys.modules['oneflow'] = None; import isbi_unet.predictor"  # `import oneflow` now fails
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_ctrl_c_ends_the_workers_even_when_the_parent_was_started_ignoring_sigterm(trained_run, tmp_path):
+    """As under `nohup` or a shell's background job: the pool ends its workers with SIGTERM, which they must not
+    inherit as ignored (a worker blocked on a full result pipe then kept the stopped run waiting forever)."""
+    data = write_dataset(str(tmp_path / "data"), n_train=0, n_test=60, size=(96, 96))
+    res = tmp_path / "res"
+    cmd = [sys.executable, "predict_unet_test.py", "--checkpoint", str(trained_run / "best")]
+    cmd += ["--Test_Data_path", f"{data}/test", "--save_res_path", str(res), "--tta", "--workers", "2"]
+
+    def like_a_background_job():
+        os.setsid()  # a group of its own, for a terminal's Ctrl-C to the parent and its workers
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=like_a_background_job
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (os.path.isdir(res / "prob") and len(os.listdir(res / "prob")) >= 2):
+            assert time.monotonic() < deadline and proc.poll() is None, "no two slices done"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 130
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
