@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from isbi_unet.errors import DataError, atomic_write
+from isbi_unet.images import POOL
 
 INSTALL = "pip install -r requirements-bioimageio.txt (CPython 3.10+), or `source setup.sh`"
 DEFAULT_AUTHOR = "isbi-unet maintainers"
@@ -34,7 +35,7 @@ EPS = 1e-6
 # the blocks a tool cuts with it on the model's 16-pixel pooling grid; off that grid (tiles at an offset
 # of 8) differences reached 101 px from the edge.
 HALO = 48
-STEP = 16  # four 2x2 poolings
+STEP = POOL  # four 2x2 poolings
 MIN_SIZE = 2 * HALO + STEP  # bioimage.io requires something left once the halo is cropped from both sides
 TAGS = ["segmentation", "2d", "electron-microscopy", "membrane", "unet", "isbi2012", "onnx"]
 CITATIONS = [

@@ -13,7 +13,7 @@ import shutil
 import oneflow as flow
 
 from isbi_unet.errors import DataError, cannot_write
-from unet import UNet
+from isbi_unet.model import UNet
 
 FORMAT = "isbi-unet-oneflow/2"  # /1 models saw unstandardised input and cannot be used
 

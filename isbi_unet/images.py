@@ -18,6 +18,8 @@ from isbi_unet.stacks import STACK_EXTS, count_pages, is_stack, read_pages
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 CHANNELS = {2: "gray+alpha", 3: "RGB", 4: "RGBA"}
 
+POOL = 16  # four 2x2 poolings: image, crop and tile sides are multiples of this (or at least it)
+
 
 def natural_key(name):
     # 2.png before 10.png, as the slices are numbered.
@@ -294,9 +296,9 @@ def read_to_segment(path, label_path=None):
     names = slice_names(path)
     out_names = output_names(path, names)
     images = [read_slice(path, n) for n in names]
-    small = [n for n, im in zip(names, images) if min(im.shape) < 16]
+    small = [n for n, im in zip(names, images) if min(im.shape) < POOL]
     if small:
-        raise DataError(f"{slice_path(path, small[0])}: smaller than 16 pixels, too small for four poolings")
+        raise DataError(f"{slice_path(path, small[0])}: smaller than {POOL} pixels, too small for four poolings")
     labels = read_labels(label_path, names, images) if label_path else None
     return names, out_names, images, labels
 

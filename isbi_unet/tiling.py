@@ -10,10 +10,8 @@ caller wraps model + sigmoid), so this module needs no model and no framework.
 import numpy as np
 
 from isbi_unet.errors import DataError
-from isbi_unet.images import dihedral, inverse_dihedral
+from isbi_unet.images import POOL, dihedral, inverse_dihedral
 from isbi_unet.stacks import STACK_EXTS, write_stack
-
-POOL = 16  # four 2x2 poolings: tile sides and tile offsets are multiples of this
 
 
 def round_up(n, m):

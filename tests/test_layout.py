@@ -1,6 +1,7 @@
 """The repo's shape: a framework-free core, and a tree clean under its linter and formatter."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -74,3 +75,14 @@ def test_no_module_stubs_oneflow():
 def test_the_tree_is_clean_under_ruff(command):
     proc = subprocess.run([sys.executable, "-m", "ruff", *command], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_library_never_imports_a_top_level_script():
+    scripts = {os.path.splitext(n)[0] for n in os.listdir(REPO) if n.endswith(".py")}
+    pattern = re.compile(r"^\s*(?:from|import)\s+(\w+)", re.M)
+    offenders = []
+    for name in sorted(os.listdir(os.path.join(REPO, "isbi_unet"))):
+        if name.endswith(".py"):
+            with open(os.path.join(REPO, "isbi_unet", name)) as f:
+                offenders += [f"isbi_unet/{name}: {m}" for m in pattern.findall(f.read()) if m in scripts]
+    assert offenders == [] and {"unet", "dataloader", "TrainUnetDataSet"} <= scripts
