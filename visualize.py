@@ -19,18 +19,14 @@ import json
 import os
 
 import cv2
-import numpy as np
 
 from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main
-from isbi_unet.figures import plt, save_figure  # figures selects matplotlib's headless backend
+from isbi_unet.figures import overlay, plt, save_figure  # figures selects matplotlib's headless backend
 from isbi_unet.flags import Parser
 from isbi_unet.images import check_same_size, read_gray, read_label, read_slice, slice_names, write_png
 from isbi_unet.metrics import pixel_error
 from isbi_unet.outputs import OVERLAYS, check_finished, claim_file, claim_folder, finish_output, start_output
 from isbi_unet.stacks import is_stack
-
-MEMBRANE_BGR = (255, 0, 255)  # magenta: stands out on grey, and for red-green colour blindness
-ALPHA = 0.45
 
 
 def parse_args(argv=None):
@@ -92,14 +88,6 @@ def load_slice(args, name):
         label_name = name if is_stack(args.label_path) else out_name  # a stack's pages, or the mask's file name
         label = read_label(args.label_path, label_name, image.shape)
     return image, prob, mask, label
-
-
-def overlay(image, mask):
-    """The grey slice in colour, predicted membrane (mask 0) blended with MEMBRANE_BGR."""
-    out = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR).astype(np.float32)
-    membrane = mask <= 127
-    out[membrane] = (1 - ALPHA) * out[membrane] + ALPHA * np.array(MEMBRANE_BGR, np.float32)
-    return np.round(out).astype(np.uint8)
 
 
 def shrink(array, max_side):

@@ -112,7 +112,7 @@ that the pixel is inside a cell (1) rather than on a membrane (0). Threshold at 
 
 def cover(image, prob, path):
     """The slice beside its overlay (predicted membrane in magenta), 2:1 as bioimage.io shows covers."""
-    from visualize import overlay
+    from isbi_unet.figures import overlay
 
     mask = np.where(prob >= 0.5, 255, 0).astype(np.uint8)
     pair = np.concatenate([cv2.cvtColor(image, cv2.COLOR_GRAY2BGR), overlay(image, mask)], axis=1)

@@ -5,7 +5,9 @@ import io
 import math
 import os
 
+import cv2
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -15,6 +17,9 @@ from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
 from isbi_unet.errors import DataError, atomic_write  # noqa: E402
 from isbi_unet.outputs import KIND_KEY  # noqa: E402
+
+MEMBRANE_BGR = (255, 0, 255)  # magenta: stands out on grey, and for red-green colour blindness
+ALPHA = 0.45
 
 LOSSES = {"train_loss": "train loss", "val_loss": "validation loss"}
 METRICS = {"v_rand": "V_rand", "v_info": "V_info", "pixel_error": "pixel error"}
@@ -96,3 +101,11 @@ def save_figure(fig, out, kind, palette=False):
                 fig.savefig(tmp, format="png", metadata={KIND_KEY: kind})
     finally:
         plt.close(fig)
+
+
+def overlay(image, mask):
+    """The grey slice in colour, predicted membrane (mask 0) blended with MEMBRANE_BGR."""
+    out = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR).astype(np.float32)
+    membrane = mask <= 127
+    out[membrane] = (1 - ALPHA) * out[membrane] + ALPHA * np.array(MEMBRANE_BGR, np.float32)
+    return np.round(out).astype(np.uint8)
