@@ -32,7 +32,8 @@ import sys
 import time
 
 from isbi_unet.device import select_device  # OneFlow is imported only where a measurement needs it
-from isbi_unet.errors import DataError, check_flags, run_main
+from isbi_unet.errors import DataError, atomic_write, check_flags, check_output_dir, run_main
+from isbi_unet.flags import Parser
 from isbi_unet.recipes import RECIPES
 from isbi_unet.runtime import whoami
 
@@ -46,7 +47,7 @@ TORCH_WORKER = os.path.join(HERE, "tools", "torch_unet.py")  # the same U-Net in
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--setting", choices=["all", *SETTINGS], default="all", help="which model/input shapes to time")
     p.add_argument(
         "--modes",
@@ -63,10 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (graph compilation happens here)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="also time graph mode with mixed precision (CUDA only)")
-    p.add_argument(
-        "--torch_python", "--torch-python", help="a Python interpreter with PyTorch: time the same U-Net there too"
-    )
+    p.add_argument("--torch_python", help="a Python interpreter with PyTorch: time the same U-Net there too")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: framework:mode:setting, prints one JSON line
     return p.parse_args(argv)
 
@@ -260,6 +260,10 @@ def main(argv=None):
         raise DataError("--amp needs --device cuda")
     if args.torch_python and not os.path.exists(args.torch_python):
         raise DataError(f"{args.torch_python}: no such interpreter")
+    if args.json:  # before minutes of timing
+        check_output_dir(os.path.dirname(os.path.abspath(args.json)), "--json")
+        if os.path.exists(args.json) and not args.overwrite:
+            raise DataError(f"{args.json}: --json exists; choose another name or pass --overwrite to replace it")
     select_device(args.device)  # a missing GPU is refused here, once, not in every worker
     modes = [m for m in args.modes.split(",") if m] + (["graph_amp"] if args.amp else [])
     settings = list(SETTINGS) if args.setting == "all" else [args.setting]
@@ -276,7 +280,7 @@ def main(argv=None):
     print(f"{os.cpu_count()} CPU cores, device {args.device}, median of {args.steps} steps after {args.warmup} warm-up")
     print_table(results)
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_write(args.json, "the results") as tmp, open(tmp, "w") as f:
             json.dump(results, f, indent=2)
 
 

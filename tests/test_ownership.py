@@ -244,3 +244,11 @@ def test_training_writes_only_into_a_folder_of_runs(tmp_path, data):
     with pytest.raises(DataError, match=r"--checkpoint_dir holds files a run does not write \(notes\.txt\)"):
         checkpoint_dir_for(str(folder), None, data, overwrite=False)
     assert checkpoint_dir_for(str(folder), None, data, overwrite=True)[0] == str(folder)
+
+
+def test_benchmark_never_writes_over_an_existing_json(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text('{"mine": 1}')
+    proc = run("benchmark.py", "--modes", "eager", "--json", results, check=False)
+    assert_fails(proc, results, "--json", "--overwrite")
+    assert results.read_text() == '{"mine": 1}'
