@@ -11,6 +11,12 @@ It writes only folders it made: data/.get_data.json lists the files it put there
 train/label or test folder of anyone else's is never touched; then it changes nothing and says so.
 """
 
+from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
+
+if __name__ == "__main__":
+    guard_start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/interrupt.py)
+
+
 import contextlib
 import io
 import json
@@ -114,6 +120,7 @@ def install(staging, data_dir, origin):
 
 
 def main(argv=None):
+    keyboard_interrupts()
     p = Parser(__doc__)
     p.add_argument("--data_dir", default=os.path.join(REPO, "data"), help="where train/ and test/ go")
     p.add_argument(

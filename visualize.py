@@ -15,6 +15,12 @@ The pictures in docs/ come from one command, given a training run's checkpoint f
     bash tools/make_docs.sh checkpoints
 """
 
+from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
+
+if __name__ == "__main__":
+    guard_start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/interrupt.py)
+
+
 import json
 import os
 
@@ -132,6 +138,7 @@ def check_outputs(args, overlay_dir, figure):
 
 
 def main(argv=None):
+    keyboard_interrupts()
     args = parse_args(argv)
     check_flags(args, positive=("n", "dpi"), non_negative=("max_side",))
     overlay_dir = args.overlay_dir or os.path.join(args.res_path, "overlay")
