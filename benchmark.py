@@ -168,14 +168,14 @@ def oneflow_worker(mode, setting, steps, warmup, device_name, width):
 
 
 def onnx_worker(setting, steps, warmup, width):
-    """ONNX Runtime inference of the same U-Net, converted as export_onnx.py converts it; prints one JSON line."""
+    """ONNX Runtime inference of the same U-Net, exported as export_onnx.py exports it; prints one JSON line."""
     import tempfile
 
     import numpy as np
     import oneflow as flow
     import onnxruntime
 
-    from export_onnx import convert
+    from export_onnx import MIN_OPSET, convert, free_sizes
     from isbi_unet.onnx_backend import onnx_forward, open_session
     from unet import UNet
 
@@ -184,7 +184,8 @@ def onnx_worker(setting, steps, warmup, width):
     model = UNet(1, 1, width=width or s["width"]).eval()
     with tempfile.TemporaryDirectory() as tmp:  # the session holds the model in memory once created
         path = os.path.join(tmp, "unet.onnx")
-        convert(model, s["size"], path)
+        convert(model, s["size"], path, MIN_OPSET)
+        free_sizes(path, MIN_OPSET)  # the size-free graph that export_onnx.py writes
         forward = onnx_forward(open_session(path))
     x = np.random.default_rng(0).standard_normal((1, 1, s["size"], s["size"]), dtype=np.float32)
     infer = timed(lambda: forward(x), steps, warmup, lambda y: y)
