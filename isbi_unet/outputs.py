@@ -1,7 +1,8 @@
 """Every output has one owner: a script writes over nothing it did not make.
 
-A folder output (predictions, overlays, a training run) is new, empty, or holds this script's own earlier
-output, known by its record (run.json, config.json, ...), which lists what the script wrote there. Then the
+A folder output (predictions, overlays) is new, empty, or holds this script's own earlier output, known by
+its record (run.json, overlay.json), which lists what the script wrote there (a training run's folder keeps
+the same rule with its own files, isbi_unet/run_dir.py, since a run continues there). Then the
 earlier output is removed as a whole before the new one is written, so the two never mix. A folder that
 holds anything else is refused unless --overwrite; even then, only the earlier output is removed.
 
