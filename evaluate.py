@@ -23,7 +23,7 @@ from isbi_unet.errors import DataError, run_main
 from isbi_unet.flags import Parser
 from isbi_unet.images import list_images, natural_key, read_gray, read_label, slice_names
 from isbi_unet.metrics import print_scores
-from isbi_unet.outputs import check_finished
+from isbi_unet.outputs import PREDICTIONS, check_finished
 from isbi_unet.stacks import is_stack
 
 
@@ -77,7 +77,7 @@ def main(argv=None):
     keyboard_interrupts()
     args = parse_args(argv)
     for prob_dir in args.prob_dir:  # maps of a prediction that was stopped are not a run's
-        check_finished(os.path.dirname(os.path.abspath(prob_dir)), "run.json", "--prob_dir")
+        check_finished(os.path.dirname(os.path.abspath(prob_dir)), PREDICTIONS, "--prob_dir")
     names = common_names(args.prob_dir, args.label_dir)
     probs, labels = zip(*(read_scored(args.prob_dir, args.label_dir, n, label) for n, label in names.items()))
     print_scores(list(names), probs, labels)

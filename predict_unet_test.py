@@ -35,13 +35,12 @@ from isbi_unet.errors import DataError, check_apart, check_flags, check_output_d
 from isbi_unet.flags import Parser
 from isbi_unet.images import read_to_segment, write_png
 from isbi_unet.metrics import print_scores
-from isbi_unet.outputs import claim_folder, start_output
+from isbi_unet.outputs import PREDICTIONS, claim_folder, start_output
 from isbi_unet.predictor import Predictor, Spec, predict_all, threads_per_process, uses_every_core
 from isbi_unet.record import write_json_record
 from isbi_unet.stacks import is_stack, write_stack
 from isbi_unet.tiling import check_tiling, write_isbi_tiff
 
-RECORD = "run.json"  # what produced the results, and which files in save_res_path they are
 STACKS = ("prob.tif", "mask.tif")
 
 
@@ -96,7 +95,7 @@ def check_outputs(args):
     inputs = [(args.Test_Data_path, "--Test_Data_path"), (args.label_path, "--label_path")]
     check_apart(args.save_res_path, "--save_res_path", inputs + [(c, "--checkpoint") for c in args.checkpoint])
     check_output_dir(args.save_res_path, "--save_res_path")
-    claim_folder(args.save_res_path, "--save_res_path", RECORD, args.overwrite)
+    claim_folder(args.save_res_path, "--save_res_path", PREDICTIONS, args.overwrite)
 
 
 def open_predictor(args, device, n_images):
@@ -151,7 +150,7 @@ def main(argv=None):
     check_tiling(args.tile, args.overlap, 1)
     predictor = open_predictor(args, device, len(images))
     outputs = [*out_names, "prob", "submission.tif", *(STACKS if is_stack(args.Test_Data_path) else ())]
-    start_output(args.save_res_path, RECORD, outputs, args=vars(args))  # the earlier results go as a whole
+    start_output(args.save_res_path, PREDICTIONS, outputs, args=vars(args))  # the earlier results go as a whole
     prob_dir = os.path.join(args.save_res_path, "prob")
     make_output_dir(prob_dir, "--save_res_path")
 
@@ -164,7 +163,7 @@ def main(argv=None):
     write_stacks(args, probs)
     checkpoint = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint  # as run.json always had
     record = {"args": {**vars(args), "checkpoint": checkpoint}, **predictor.record(), "finished": True}
-    write_json_record(os.path.join(args.save_res_path, RECORD), {**record, "outputs": sorted(outputs)}, device)
+    write_json_record(os.path.join(args.save_res_path, PREDICTIONS), {**record, "outputs": sorted(outputs)}, device)
     print(
         f"{len(names)} masks in {args.save_res_path}/, probabilities in {prob_dir}/ ({predictor.describe()}, "
         f"{seconds:.1f}s on {device} x {args.workers} process(es){predictor.describe_settings()})"

@@ -31,7 +31,15 @@ from isbi_unet.figures import overlay, plt, save_figure  # figures selects matpl
 from isbi_unet.flags import Parser
 from isbi_unet.images import check_same_size, read_gray, read_label, read_slice, slice_names, write_png
 from isbi_unet.metrics import pixel_error
-from isbi_unet.outputs import OVERLAYS, check_finished, claim_file, claim_folder, finish_output, start_output
+from isbi_unet.outputs import (
+    OVERLAYS,
+    PREDICTIONS,
+    check_finished,
+    claim_file,
+    claim_folder,
+    finish_output,
+    start_output,
+)
 from isbi_unet.stacks import is_stack
 
 
@@ -69,7 +77,7 @@ def parse_args(argv=None):
 
 
 def image_path_from_run(res_path):
-    path = os.path.join(res_path, "run.json")
+    path = os.path.join(res_path, PREDICTIONS)
     try:
         with open(path) as f:
             return json.load(f)["args"]["Test_Data_path"]
@@ -143,7 +151,7 @@ def main(argv=None):
     check_flags(args, positive=("n", "dpi"), non_negative=("max_side",))
     overlay_dir = args.overlay_dir or os.path.join(args.res_path, "overlay")
     figure = args.figure or os.path.join(args.res_path, "figure.png")
-    check_finished(args.res_path, "run.json", "--res_path")
+    check_finished(args.res_path, PREDICTIONS, "--res_path")
     args.image_path = args.image_path or image_path_from_run(args.res_path)
     check_outputs(args, overlay_dir, figure)
     names = slice_names(args.image_path)[: args.n]

@@ -19,6 +19,7 @@ import shutil
 import zipfile
 
 from isbi_unet.errors import DataError, atomic_write
+from isbi_unet.onnx_backend import FORMAT
 
 KIND_KEY = "isbi_unet"  # PNG text chunk naming what wrote the file
 
@@ -33,6 +34,7 @@ def read_record(folder, record):
     return data if isinstance(data, dict) and isinstance(data.get("outputs"), list) else None
 
 
+PREDICTIONS = "run.json"  # predict_unet_test.py's record in --save_res_path
 OVERLAYS = "overlay.json"  # visualize.py's record in its overlay folder
 
 
@@ -43,13 +45,14 @@ def earlier_output(folder, record):
     if data is None:
         return []
     present = set(os.listdir(folder))
+    listed = present & {*map(str, data["outputs"]), record}
     drawn = {
         name
-        for name in present
+        for name in present - listed
         if read_record(os.path.join(folder, name), OVERLAYS) is not None
         or written_kind(os.path.join(folder, name)) == "figure"
     }
-    return sorted(present & {*map(str, data["outputs"]), record} | drawn)
+    return sorted(listed | drawn)
 
 
 def claim_folder(folder, flag, record, overwrite=False):
@@ -98,7 +101,7 @@ def remove(folder, names):
             os.remove(path)
 
 
-ONNX_MARK = b"isbi-unet-onnx/"  # onnx_backend.FORMAT's prefix, in the metadata stored after the graph
+ONNX_MARK = FORMAT.encode()  # export_onnx.py's metadata, stored after the graph
 
 
 def written_kind(path):

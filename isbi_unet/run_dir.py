@@ -9,11 +9,11 @@ it does not redo, and reads its settings back from config.json, where each resum
 import hashlib
 import json
 import os
-import shutil
 
 from isbi_unet.checkpoint import load_checkpoint
 from isbi_unet.errors import DataError, atomic_write, check_apart, check_output_dir, make_output_dir, warn
 from isbi_unet.images import list_images, training_sources
+from isbi_unet.outputs import remove
 from isbi_unet.record import run_record
 from isbi_unet.training import truncate_log
 
@@ -169,13 +169,5 @@ def prepare_run_dir(checkpoint_dir, replace_run, done_epochs):
     """Rank 0: the folder made, a replaced run's files removed, and log rows after `done_epochs` dropped."""
     make_output_dir(checkpoint_dir, "--checkpoint_dir")
     if replace_run:  # --overwrite: nothing of the old run stays to be mistaken for this one's
-        for name in (*RUN_FILES, "loss.png"):
-            remove_path(os.path.join(checkpoint_dir, name))
+        remove(checkpoint_dir, (*RUN_FILES, "loss.png"))
     truncate_log(os.path.join(checkpoint_dir, "log.csv"), done_epochs)
-
-
-def remove_path(path):
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.remove(path)

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 from test_dead_rank import wait_until
+from test_interrupt import stderr_lines
 
 from conftest import REPO, write_dataset
 
@@ -47,7 +48,7 @@ def ctrl_c(proc, after=None, when=None):
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    return proc.returncode, [line for line in stderr.splitlines() if "libibverbs not available" not in line]
+    return proc.returncode, stderr_lines(stderr)
 
 
 def assert_one_line_or_finished(code, lines):
