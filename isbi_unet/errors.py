@@ -39,6 +39,9 @@ def run_main(main):
         fail("error: interrupted", INTERRUPTED)
     except OSError as e:  # a file system refusal no check foresaw (permissions, disk full): still one line
         fail(f"error: {e.filename or 'a file'}: {e.strerror or e}", BAD_INPUT)
+    # Done: a Ctrl-C from now on changes nothing, and Python's shutdown restores SIGINT's default, under which
+    # it would end the finished process by signal (exit -2) instead of 0.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def fail(message, code):
