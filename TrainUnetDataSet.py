@@ -34,7 +34,7 @@ if __name__ == "__main__":  # before `import oneflow`, which under the launcher 
 import numpy as np
 import oneflow as flow
 
-from dataloader import SelfDataSet, training_loader
+from dataloader import SelfDataSet
 from isbi_unet import run_dir, watchdog
 from isbi_unet.checkpoint import load_checkpoint, save_checkpoint, saved_note
 from isbi_unet.device import select_device
@@ -54,6 +54,7 @@ from isbi_unet.training import (
     lr_at,
     recompute_bn_stats,
     train_one_epoch,
+    training_loader,
 )
 from unet import UNet
 

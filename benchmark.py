@@ -175,8 +175,8 @@ def onnx_worker(setting, steps, warmup, width):
     import oneflow as flow
     import onnxruntime
 
-    from export_onnx import MIN_OPSET, convert, free_sizes
     from isbi_unet.onnx_backend import onnx_forward, open_session
+    from isbi_unet.onnx_export import MIN_OPSET, convert, free_sizes
     from unet import UNet
 
     s = SETTINGS[setting]

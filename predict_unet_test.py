@@ -33,9 +33,10 @@ import oneflow  # noqa: F401  imported under the start-up guard, before keyboard
 from isbi_unet.device import default_processes, select_device
 from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main, warn
 from isbi_unet.flags import Parser
+from isbi_unet.formats import PREDICTIONS
 from isbi_unet.images import read_to_segment, write_png
 from isbi_unet.metrics import print_scores
-from isbi_unet.outputs import PREDICTIONS, claim_folder, start_output
+from isbi_unet.outputs import claim_folder, start_output
 from isbi_unet.predictor import Predictor, Spec, predict_all, threads_per_process, uses_every_core
 from isbi_unet.record import write_json_record
 from isbi_unet.stacks import is_stack, write_stack

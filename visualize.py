@@ -29,11 +29,10 @@ import cv2
 from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main
 from isbi_unet.figures import overlay, plt, save_figure  # figures selects matplotlib's headless backend
 from isbi_unet.flags import Parser
+from isbi_unet.formats import OVERLAYS, PREDICTIONS
 from isbi_unet.images import check_same_size, read_gray, read_label, read_slice, slice_names, write_png
 from isbi_unet.metrics import pixel_error
 from isbi_unet.outputs import (
-    OVERLAYS,
-    PREDICTIONS,
     check_finished,
     claim_file,
     claim_folder,

@@ -1,7 +1,6 @@
-"""bioimage.io model packages (format 0.5) of an export_onnx.py model, and reading them back for prediction.
+"""bioimage.io model packages (format 0.5) of an export_onnx.py model (onnx_backend.read_package reads them back).
 
     write_package("isbi-membrane-unet.zip", "weights.onnx", state, "checkpoints/best", image, author)
-    onnx_bytes = read_package("isbi-membrane-unet.zip")    # for onnx_backend.load_onnx
 
 A package is a zip of rdf.yaml (the description), the size-free ONNX weights, a real slice as test input
 with the model's own output for it, a cover and a README; Fiji (deepImageJ), napari and ilastik open it
@@ -11,7 +10,6 @@ Needs requirements-bioimageio.txt (bioimageio.core and its pinned dependencies).
 
 import contextlib
 import csv
-import io
 import os
 import shutil
 import tempfile
@@ -21,9 +19,10 @@ import numpy as np
 from PIL import Image
 
 from isbi_unet.errors import DataError, atomic_write
-from isbi_unet.images import POOL
+from isbi_unet.formats import METRICS as SCORES
+from isbi_unet.formats import POOL
+from isbi_unet.onnx_backend import import_core, onnx_forward, open_session
 
-INSTALL = "pip install -r requirements-bioimageio.txt (CPython 3.10+), or `source setup.sh`"
 DEFAULT_AUTHOR = "isbi-unet maintainers"
 LICENSE = "CC-BY-4.0"
 # bioimage.io's zero_mean_unit_variance is (x - mean) / (std + eps) on the raw values; images.preprocess is
@@ -42,17 +41,6 @@ CITATIONS = [
     ("Ronneberger, Fischer and Brox: U-Net, MICCAI 2015", "10.1007/978-3-319-24574-4_28"),
     ("Arganda-Carreras et al.: the ISBI 2012 challenge, Front. Neuroanat. 2015", "10.3389/fnana.2015.00142"),
 ]
-SCORES = {"v_rand": "V_rand", "v_info": "V_info", "pixel_error": "pixel error"}
-
-
-def import_core():
-    """bioimageio.core and .spec, or one DataError naming the install command."""
-    os.environ.setdefault("BIOIMAGEIO_PERFORM_IO_CHECKS", "false")  # no URL look-ups: offline is the usual case
-    try:
-        import bioimageio.core  # noqa: F401
-        import bioimageio.spec  # noqa: F401
-    except ImportError:
-        raise DataError(f"bioimage.io packages need bioimageio.core, which is not installed: {INSTALL}") from None
 
 
 def held_out_scores(checkpoint, epoch):
@@ -131,8 +119,6 @@ def test_input(image):
 
 def test_output(onnx_path, image):
     """The model's own probabilities for the test slice, preprocessed as the package describes."""
-    from isbi_unet.onnx_backend import onnx_forward, open_session
-
     x = image.astype(np.float32)
     x = (x - x.mean()) / (x.std() + EPS)
     return onnx_forward(open_session(onnx_path))(x[None, None])
@@ -235,29 +221,3 @@ def write_package(path, onnx_path, state, checkpoint, image, author=DEFAULT_AUTH
             raise DataError(f"{path}: not written, bioimageio.core's test failed: {first_failure(summary)}")
         with atomic_write(path, "the bioimage.io package") as tmp:
             save_bioimageio_package(descr, output_path=tmp)
-
-
-def read_package(path):
-    """The ONNX weights (bytes) of a package, checked to take the preprocessing images.preprocess does."""
-    import_core()
-    from bioimageio.spec import load_model_description
-    from bioimageio.spec.model import v0_5
-
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such bioimage.io package")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            descr = load_model_description(path, perform_io_checks=False)
-    except Exception as e:  # not a zip, no rdf.yaml, an invalid description: all one line
-        detail = " ".join(str(e).split())[:300] or type(e).__name__
-        raise DataError(f"{path}: not a readable bioimage.io model package ({detail})") from None
-    if not isinstance(descr, v0_5.ModelDescr) or descr.weights.onnx is None:
-        raise DataError(f"{path}: a bioimage.io package without ONNX weights; export one with export_onnx.py")
-    steps = [p.id for p in descr.inputs[0].preprocessing if p.id != "ensure_dtype"]
-    if steps != ["zero_mean_unit_variance"]:
-        raise DataError(f"{path}: preprocessing {steps} is not this repo's (zero_mean_unit_variance over y, x)")
-    try:
-        return descr.weights.onnx.get_reader().read()
-    except Exception as e:  # a weights file missing from the zip, say
-        detail = " ".join(str(e).split())[:300] or type(e).__name__
-        raise DataError(f"{path}: its ONNX weights cannot be read ({detail})") from None

@@ -13,9 +13,8 @@ import shutil
 import oneflow as flow
 
 from isbi_unet.errors import DataError, cannot_write
+from isbi_unet.formats import CHECKPOINT_FORMAT as FORMAT
 from isbi_unet.model import UNet
-
-FORMAT = "isbi-unet-oneflow/2"  # /1 models saw unstandardised input and cannot be used
 
 
 def sibling(path, suffix):

@@ -16,13 +16,10 @@ from PIL import Image  # noqa: E402  (comes with matplotlib)
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
 from isbi_unet.errors import DataError, atomic_write  # noqa: E402
-from isbi_unet.outputs import KIND_KEY  # noqa: E402
+from isbi_unet.formats import KIND_KEY, LOSSES, METRICS  # noqa: E402
 
 MEMBRANE_BGR = (255, 0, 255)  # magenta: stands out on grey, and for red-green colour blindness
 ALPHA = 0.45
-
-LOSSES = {"train_loss": "train loss", "val_loss": "validation loss"}
-METRICS = {"v_rand": "V_rand", "v_info": "V_info", "pixel_error": "pixel error"}
 
 
 def number(text):

@@ -13,12 +13,11 @@ import cv2
 import numpy as np
 
 from isbi_unet.errors import DataError, atomic_write, warn
+from isbi_unet.formats import POOL
 from isbi_unet.stacks import STACK_EXTS, count_pages, is_stack, read_pages
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 CHANNELS = {2: "gray+alpha", 3: "RGB", 4: "RGBA"}
-
-POOL = 16  # four 2x2 poolings: image, crop and tile sides are multiples of this (or at least it)
 
 
 def natural_key(name):

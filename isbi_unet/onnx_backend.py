@@ -10,15 +10,17 @@ exported before that have a fixed 1x1xSxS input; for them state has "input_size"
 size are tiled at S (fixed_tile).
 """
 
+import contextlib
+import io
 import json
 import os
 
 import numpy as np
 
 from isbi_unet.errors import DataError
-from isbi_unet.tiling import POOL, round_up
+from isbi_unet.formats import ONNX_FORMAT as FORMAT
+from isbi_unet.formats import POOL, round_up
 
-FORMAT = "isbi-unet-onnx/1"
 # metadata_props keys; values are strings, the JSON ones parsed by load_onnx
 KEY_FORMAT, KEY_CONFIG, KEY_SIZE, KEY_PREPROCESS, KEY_OUTPUT, KEY_EPOCH, KEY_SOURCE = (
     "isbi_unet.format",
@@ -32,6 +34,7 @@ KEY_FORMAT, KEY_CONFIG, KEY_SIZE, KEY_PREPROCESS, KEY_OUTPUT, KEY_EPOCH, KEY_SOU
 PREPROCESS = "uint8 slice / 255, then (x - mean) / max(std, 1e-6) over the whole slice (isbi_unet.images.preprocess)"
 OUTPUT = "cell probability in [0, 1] (sigmoid included), the input's shape"
 INSTALL = "pip install -r requirements-onnx.txt (CPython 3.10+), or `source setup.sh`"
+BIOIMAGEIO_INSTALL = "pip install -r requirements-bioimageio.txt (CPython 3.10+), or `source setup.sh`"
 
 
 def is_package(path):
@@ -112,8 +115,6 @@ def load_onnx(path, threads=None):
     checkpoint for run.json."""
     model = None
     if is_package(path):
-        from isbi_unet.bioimageio import read_package  # bioimageio.spec only for packages
-
         model = read_package(path)
     session = open_session(path, threads, model)
     state = read_state(path, session)
@@ -147,3 +148,41 @@ def fixed_tile(shape, size, tile=0):
         return tile
     h, w = shape[-2:]
     return 0 if round_up(h, POOL) == size and round_up(w, POOL) == size else size
+
+
+def import_core():
+    """bioimageio.core and .spec, or one DataError naming the install command."""
+    os.environ.setdefault("BIOIMAGEIO_PERFORM_IO_CHECKS", "false")  # no URL look-ups: offline is the usual case
+    try:
+        import bioimageio.core  # noqa: F401
+        import bioimageio.spec  # noqa: F401
+    except ImportError:
+        raise DataError(
+            f"bioimage.io packages need bioimageio.core, which is not installed: {BIOIMAGEIO_INSTALL}"
+        ) from None
+
+
+def read_package(path):
+    """The ONNX weights (bytes) of a package, checked to take the preprocessing images.preprocess does."""
+    import_core()
+    from bioimageio.spec import load_model_description
+    from bioimageio.spec.model import v0_5
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such bioimage.io package")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            descr = load_model_description(path, perform_io_checks=False)
+    except Exception as e:  # not a zip, no rdf.yaml, an invalid description: all one line
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise DataError(f"{path}: not a readable bioimage.io model package ({detail})") from None
+    if not isinstance(descr, v0_5.ModelDescr) or descr.weights.onnx is None:
+        raise DataError(f"{path}: a bioimage.io package without ONNX weights; export one with export_onnx.py")
+    steps = [p.id for p in descr.inputs[0].preprocessing if p.id != "ensure_dtype"]
+    if steps != ["zero_mean_unit_variance"]:
+        raise DataError(f"{path}: preprocessing {steps} is not this repo's (zero_mean_unit_variance over y, x)")
+    try:
+        return descr.weights.onnx.get_reader().read()
+    except Exception as e:  # a weights file missing from the zip, say
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise DataError(f"{path}: its ONNX weights cannot be read ({detail})") from None

@@ -19,9 +19,8 @@ import shutil
 import zipfile
 
 from isbi_unet.errors import DataError, atomic_write
-from isbi_unet.onnx_backend import FORMAT
-
-KIND_KEY = "isbi_unet"  # PNG text chunk naming what wrote the file
+from isbi_unet.formats import KIND_KEY, OVERLAYS
+from isbi_unet.formats import ONNX_FORMAT as FORMAT
 
 
 def read_record(folder, record):
@@ -32,10 +31,6 @@ def read_record(folder, record):
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and isinstance(data.get("outputs"), list) else None
-
-
-PREDICTIONS = "run.json"  # predict_unet_test.py's record in --save_res_path
-OVERLAYS = "overlay.json"  # visualize.py's record in its overlay folder
 
 
 def earlier_output(folder, record):

@@ -18,9 +18,10 @@ import signal
 from typing import NamedTuple, Optional
 
 from isbi_unet.errors import DataError
+from isbi_unet.formats import POOL
 from isbi_unet.images import preprocess
 from isbi_unet.onnx_backend import fixed_tile, is_onnx, load_onnx, onnx_forward
-from isbi_unet.tiling import POOL, predict_tiled
+from isbi_unet.tiling import predict_tiled
 
 
 class OneFlowBackend:

@@ -8,7 +8,7 @@ takes its share. TrainUnetDataSet.py, benchmark.py and tools/torch_reference.py 
 from types import SimpleNamespace
 
 from isbi_unet.errors import DataError, check_flags
-from isbi_unet.tiling import POOL
+from isbi_unet.formats import POOL
 
 RECIPES = {
     "full": dict(width=64, crop_size=0, samples_per_slice=1, batch_size=2, epochs=60, lr=3e-4),

@@ -10,12 +10,9 @@ caller wraps model + sigmoid), so this module needs no model and no framework.
 import numpy as np
 
 from isbi_unet.errors import DataError
-from isbi_unet.images import POOL, dihedral, inverse_dihedral
+from isbi_unet.formats import POOL, round_up
+from isbi_unet.images import dihedral, inverse_dihedral
 from isbi_unet.stacks import STACK_EXTS, write_stack
-
-
-def round_up(n, m):
-    return -(-n // m) * m
 
 
 def check_tiling(tile, overlap, batch):

@@ -1,4 +1,4 @@
-"""The parts of a training run: one epoch, precise BatchNorm statistics, validation, and the run's log.
+"""The parts of a training run: the data loader, one epoch, precise BatchNorm statistics, validation, and the run's log.
 
 Every function works the same on one process and under the launcher: ranks share the work and sum
 their results, so every rank ends with the same numbers.
@@ -16,7 +16,8 @@ import oneflow as flow
 from tqdm import tqdm
 
 from isbi_unet import runtime, watchdog
-from isbi_unet.errors import atomic_write, cannot_write
+from isbi_unet.errors import DataError, atomic_write, cannot_write
+from isbi_unet.formats import METRICS, POOL
 from isbi_unet.images import evenly_spaced
 from isbi_unet.metrics import THRESHOLDS, pixel_error, score_curve
 
@@ -231,7 +232,7 @@ def truncate_log(path, last_epoch):
 def log_row(epoch, train_loss, scores, lr, seconds):
     """One log.csv row: the epoch's losses and scores (nan where none was scored), lr after it and its time."""
     row = dict(epoch=epoch, train_loss=f"{train_loss:.5f}")
-    row.update({k: f"{scores.get(k, math.nan):.5f}" for k in ("val_loss", "v_rand", "v_info", "pixel_error")})
+    row.update({k: f"{scores.get(k, math.nan):.5f}" for k in ("val_loss", *METRICS)})
     return dict(row, lr=f"{lr:.3g}", seconds=f"{seconds:.1f}")
 
 
@@ -239,3 +240,43 @@ def is_best(v_rand, best_v_rand):
     """Whether an epoch scoring `v_rand` is the best so far: the highest finite V_rand; until there is
     one (no held-out block, or labels without cells) every epoch is, so `best` follows `last`."""
     return v_rand > best_v_rand if math.isfinite(v_rand) else not math.isfinite(best_v_rand)
+
+
+def training_loader(train_set, batch_size, seed, where, graph=False, num_workers=0, pin_memory=False):
+    """A DataLoader over this rank's share of `train_set` (DistributedSampler), shuffled per epoch.
+
+    Refuses, naming the data folder `where`, whole slices of different sizes in one batch and an epoch without a batch.
+    """
+    check_whole_slices_batch(train_set, batch_size, graph, where)
+    rank, _, world_size, _ = runtime.whoami()
+    sampler = flow.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    side = train_set.crop_size or min(min(image.shape[1:]) for image in train_set.images)
+    drop_last = drop_last_batch(len(sampler), batch_size, side, graph)
+    loader = flow.utils.data.DataLoader(
+        train_set, batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory
+    )
+    if len(loader) == 0:
+        raise DataError(
+            f"{where}: {len(train_set)} training sample(s) per epoch over all processes "
+            f"give no full batch of --batch_size {batch_size}"
+        )
+    return loader
+
+
+def drop_last_batch(samples, batch_size, side, graph):
+    """Whether each epoch drops its short last batch: a graph is compiled for one batch shape, and one
+    sample at a 1x1 bottleneck (sides below 2 * POOL) gives BatchNorm one value per channel, whose
+    variance is no statistic (NaN running variance). Otherwise every sample trains."""
+    return graph or (samples % batch_size == 1 and side < 2 * POOL)
+
+
+def check_whole_slices_batch(train_set, batch_size, graph, where):
+    """Whole slices of different sizes cannot share a batch, nor one compiled graph: say so before training."""
+    sizes = sorted({image.shape[1:] for image in train_set.images})
+    if train_set.crop_size or len(sizes) == 1 or (batch_size == 1 and not graph):
+        return
+    (h1, w1), (h2, w2) = sizes[0], sizes[-1]
+    raise DataError(
+        f"{where}: training slices differ in size ({w1}x{h1} ... {w2}x{h2}), so whole slices cannot "
+        "be batched; train on crops (--crop_size N) or, in eager mode, with --batch_size 1"
+    )
