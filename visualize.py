@@ -8,7 +8,8 @@ Reads res_path/NAME.png (mask, 255 = cell) and res_path/prob/NAME.png (cell prob
 predict_unet_test.py writes them, for the first --n images of --image_path (default: the folder named in
 res_path/run.json). Writes res_path/overlay/NAME.png, the slice with predicted membrane in magenta, and
 res_path/figure.png, one row per slice: image | probability | mask | overlay, or with --label_path
-image | label | prediction (with its pixel error) | overlay.
+image | label | prediction (with its pixel error) | overlay. overlay.json lists what it wrote, with sizes and
+digests: a rerun replaces only those (docs/details.md, "What a script may write").
 
 The pictures in docs/ come from one command, given a training run's checkpoint folder:
 
@@ -26,19 +27,13 @@ import os
 
 import cv2
 
-from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main
+from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, run_main
 from isbi_unet.figures import overlay, plt, save_figure  # figures selects matplotlib's headless backend
 from isbi_unet.flags import Parser
 from isbi_unet.formats import OVERLAYS, PREDICTIONS
 from isbi_unet.images import check_same_size, read_gray, read_label, read_slice, slice_names, write_png
 from isbi_unet.metrics import pixel_error
-from isbi_unet.outputs import (
-    check_finished,
-    claim_file,
-    claim_folder,
-    finish_output,
-    start_output,
-)
+from isbi_unet.outputs import check_finished, claim, claim_file
 from isbi_unet.stacks import is_stack
 
 
@@ -76,11 +71,13 @@ def parse_args(argv=None):
 
 
 def image_path_from_run(res_path):
+    """Test_Data_path in res_path/run.json; a relative one is relative to where that prediction ran (its cwd)."""
     path = os.path.join(res_path, PREDICTIONS)
     try:
         with open(path) as f:
-            return json.load(f)["args"]["Test_Data_path"]
-    except (OSError, ValueError, KeyError) as e:
+            record = json.load(f)
+        return os.path.join(record.get("cwd", ""), record["args"]["Test_Data_path"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(
             f"{path}: cannot tell which images were segmented ({type(e).__name__}); pass --image_path"
         ) from None
@@ -140,7 +137,6 @@ def check_outputs(args, overlay_dir, figure):
             raise DataError(f"{overlay_dir}: --overlay_dir is {kept}, whose masks it would overwrite; choose another")
     check_output_dir(overlay_dir, "--overlay_dir")
     check_output_dir(os.path.dirname(os.path.abspath(figure)), "--figure")
-    claim_folder(overlay_dir, "--overlay_dir", OVERLAYS, args.overwrite)
     claim_file(figure, "--figure", "figure", args.overwrite)
 
 
@@ -153,20 +149,19 @@ def main(argv=None):
     check_finished(args.res_path, PREDICTIONS, "--res_path")
     args.image_path = args.image_path or image_path_from_run(args.res_path)
     check_outputs(args, overlay_dir, figure)
-    names = slice_names(args.image_path)[: args.n]
-    slices = [(name, *load_slice(args, name)) for name in names]  # everything checked before writing
-
-    make_output_dir(overlay_dir, "--overlay_dir")
-    written = [os.path.splitext(name)[0] + ".png" for name, *_ in slices]
-    record = dict(res_path=args.res_path, image_path=args.image_path)
-    start_output(overlay_dir, OVERLAYS, written, **record)  # the earlier overlays go: none is mixed with these
-    rows = []
-    for (name, image, prob, mask, label), out_name in zip(slices, written):
-        over = overlay(image, mask)
-        write_png(os.path.join(overlay_dir, out_name), shrink(over, args.max_side))
-        rows.append((name, image, prob, mask, label, over))
-    finish_output(overlay_dir, OVERLAYS, written, **record)
-    draw_figure(rows, args.label_path is not None, figure, args.dpi, args.palette)
+    inputs = [(args.image_path, "--image_path"), (args.label_path, "--label_path")]
+    with claim(overlay_dir, "--overlay_dir", OVERLAYS, args.overwrite, inputs) as out:  # locked till the end
+        names = slice_names(args.image_path)[: args.n]
+        slices = [(name, *load_slice(args, name)) for name in names]  # everything checked before writing
+        written = [os.path.splitext(name)[0] + ".png" for name, *_ in slices]
+        out.start(writes=written, res_path=args.res_path, image_path=args.image_path)  # the earlier overlays go
+        rows = []
+        for (name, image, prob, mask, label), out_name in zip(slices, written):
+            over = overlay(image, mask)
+            write_png(out.path(out_name), shrink(over, args.max_side))
+            rows.append((name, image, prob, mask, label, over))
+        draw_figure(rows, args.label_path is not None, figure, args.dpi, args.palette)
+        out.add_beside(figure)
     print(f"{len(rows)} overlays in {overlay_dir}/, figure {figure}")
 
 

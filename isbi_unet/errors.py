@@ -7,6 +7,7 @@ Ctrl-C. The exit codes and the rank are isbi_unet/runtime.py's.
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -135,13 +136,19 @@ def cannot_write(path, error, what=""):
 def atomic_write(path, what=""):
     """`with atomic_write(path) as tmp:` write `tmp`; it then replaces `path` in one rename.
 
-    A failure (disk full, say) or a kill leaves `path` as it was; the temporary `.STEM.tmp.EXT` beside it
-    is removed, and an OSError becomes a WriteError naming `path`. The temporary file keeps the suffix,
-    since writers such as OpenCV's pick the file format by it.
+    A failure (disk full, say) or a kill leaves `path` as it was; the temporary `.STEM.XXXXXXXX.tmp.EXT`
+    beside it is removed, and an OSError becomes a WriteError naming `path`. The temporary file keeps the
+    suffix, since writers such as OpenCV's pick the file format by it. It is created new, under a name of
+    its own (O_EXCL, not following links): a link planted at a predictable name cannot send the bytes
+    elsewhere, and the rename replaces a link at `path` rather than writing through it.
     """
     parent, name = os.path.split(path)
     stem, ext = os.path.splitext(name)
-    tmp = os.path.join(parent, f".{stem}.tmp{ext}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=parent or ".")
+        os.close(fd)
+    except OSError as e:
+        raise cannot_write(path, e, what) from None
     try:
         yield tmp
         os.replace(tmp, path)
@@ -150,3 +157,12 @@ def atomic_write(path, what=""):
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+
+
+TEMPORARY = re.compile(r"^\.(?P<stem>.*)\.[a-z0-9_]{8}\.tmp(?P<ext>(\.[^.]*)?)$")  # atomic_write's names
+
+
+def temporary_of(name):
+    """The file name whose atomic_write temporary `name` is (`.0.k2x_a9mq.tmp.png` -> `0.png`), else None."""
+    match = TEMPORARY.match(name)
+    return match["stem"] + match["ext"] if match else None

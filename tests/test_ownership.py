@@ -9,25 +9,25 @@ import pytest
 from conftest import assert_fails, run, snapshot, write_dataset
 from isbi_unet.errors import DataError
 from isbi_unet.figures import plot_losses, read_log
-from isbi_unet.outputs import (
-    check_finished,
-    claim_file,
-    claim_folder,
-    finish_output,
-    start_output,
-    written_kind,
-)
+from isbi_unet.outputs import Output, check_finished, claim, claim_file, written_kind
 
 LOG = "epoch,train_loss\n1,0.5\n2,0.4\n"
 
 
 def own_run(folder, names, finished=True):
     """A folder as a script leaves it: its files and its record listing them."""
-    start_output(str(folder), "run.json", names)
+    folder.mkdir(exist_ok=True)
+    out = Output(str(folder), "--out", "run.json", overwrite=False)
+    out.start(writes=names)
     for name in names:
         (folder / name).write_bytes(b"x")
     if finished:
-        finish_output(str(folder), "run.json", names)
+        out.finish()
+
+
+def claim_folder(folder, flag, record, overwrite=False):
+    with claim(folder, flag, record, overwrite):
+        pass
 
 
 @pytest.mark.parametrize("state", ["absent", "empty", "own"])
@@ -64,9 +64,10 @@ def test_the_earlier_output_goes_as_a_whole_and_the_users_files_stay(tmp_path):
     folder.mkdir()
     own_run(folder, ["0.png", "1.png", "2.png"])
     (folder / "mine.txt").write_text("theirs")  # allowed in with --overwrite
-    start_output(str(folder), "run.json", ["0.png"])
-    assert sorted(os.listdir(folder)) == ["mine.txt", "run.json"]
-    assert json.loads((folder / "run.json").read_text())["finished"] is False
+    with claim(str(folder), "--out", "run.json", overwrite=True) as out:
+        out.start(writes=["0.png"])
+        assert sorted(os.listdir(folder)) == ["mine.txt", "run.json"]
+        assert json.loads((folder / "run.json").read_text())["finished"] is False
 
 
 def test_a_run_cut_short_is_replaced_by_a_rerun_and_refused_by_readers(tmp_path):
@@ -75,8 +76,10 @@ def test_a_run_cut_short_is_replaced_by_a_rerun_and_refused_by_readers(tmp_path)
     own_run(folder, ["0.png", "1.png"], finished=False)
     with pytest.raises(DataError, match="unfinished"):
         check_finished(str(folder), "run.json", "--res_path")
-    claim_folder(str(folder), "--out", "run.json")  # not blocked by its own leftovers
-    finish_output(str(folder), "run.json", ["0.png", "1.png"])
+    with claim(str(folder), "--out", "run.json") as out:  # not blocked by its own leftovers
+        out.start(writes=["0.png", "1.png"])
+        for name in ("0.png", "1.png"):
+            (folder / name).write_bytes(b"y")
     check_finished(str(folder), "run.json", "--res_path")
 
 
@@ -137,12 +140,13 @@ def test_evaluate_refuses_the_maps_of_a_prediction_that_was_stopped(tmp_path):
     data = write_dataset(str(tmp_path / "data"), n_train=2, n_test=0)
     res = tmp_path / "res"
     (res / "prob").mkdir(parents=True)
+    out = Output(str(res), "--save_res_path", "run.json", overwrite=False)
+    out.start(writes=["prob/0.png", "prob/1.png"])
     for name in ("0.png", "1.png"):
         (res / "prob" / name).write_bytes(open(f"{data}/train/label/{name}", "rb").read())
-    start_output(str(res), "run.json", ["prob"])  # stopped before finish_output
-    proc = run("evaluate.py", "--prob_dir", res / "prob", "--label_dir", f"{data}/train/label", check=False)
+    proc = run("evaluate.py", "--prob_dir", res / "prob", "--label_dir", f"{data}/train/label", check=False)  # stopped
     assert_fails(proc, res, "unfinished")
-    finish_output(str(res), "run.json", ["prob"])
+    out.finish()
     assert "v_rand" in run("evaluate.py", "--prob_dir", res / "prob", "--label_dir", f"{data}/train/label").stdout
 
 
