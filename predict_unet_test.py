@@ -15,8 +15,9 @@ ISBI 2012 submission (32-bit float cell probabilities); for a stack in, mask.tif
 named 0, 1, ...). With --label_path it prints V_rand, V_info and pixel error per slice and for the stack.
 Several checkpoints are an ensemble (their probabilities averaged). An .onnx file (export_onnx.py) or a
 bioimage.io package .zip (export_onnx.py --bioimageio) runs in ONNX Runtime, several times faster on a CPU.
-run.json records the model, the settings, versions and code commit, and which files are the results: a
-later run into the same folder replaces them as a whole; a folder holding anything else is refused.
+run.json records the model, the settings, versions and code commit, and each result file with its size
+and digest: a later run into the same folder replaces those still as written, as a whole; a folder holding
+anything else (a file changed since) is refused, and kept as it is (docs/details.md, "What a script may write").
 """
 
 from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
@@ -36,9 +37,9 @@ from isbi_unet.flags import Parser
 from isbi_unet.formats import PREDICTIONS
 from isbi_unet.images import read_to_segment, write_png
 from isbi_unet.metrics import print_scores
-from isbi_unet.outputs import claim_folder, start_output
+from isbi_unet.outputs import claim
 from isbi_unet.predictor import Predictor, Spec, predict_all, threads_per_process, uses_every_core
-from isbi_unet.record import write_json_record
+from isbi_unet.record import run_record
 from isbi_unet.stacks import is_stack, write_stack
 from isbi_unet.tiling import check_tiling, write_isbi_tiff
 
@@ -96,7 +97,6 @@ def check_outputs(args):
     inputs = [(args.Test_Data_path, "--Test_Data_path"), (args.label_path, "--label_path")]
     check_apart(args.save_res_path, "--save_res_path", inputs + [(c, "--checkpoint") for c in args.checkpoint])
     check_output_dir(args.save_res_path, "--save_res_path")
-    claim_folder(args.save_res_path, "--save_res_path", PREDICTIONS, args.overwrite)
 
 
 def open_predictor(args, device, n_images):
@@ -145,13 +145,21 @@ def write_stacks(args, probs):
 def main(argv=None):
     keyboard_interrupts()
     args = parse_args(argv)
+    inputs = [(args.Test_Data_path, "--Test_Data_path"), (args.label_path, "--label_path")]
+    inputs += [(c, "--checkpoint") for c in args.checkpoint]
+    with claim(args.save_res_path, "--save_res_path", PREDICTIONS, args.overwrite, inputs) as out:  # locked
+        segment(args, out)
+
+
+def segment(args, out):
     check_outputs(args)
     device = select_device(args.device)
     names, out_names, images, labels = read_to_segment(args.Test_Data_path, args.label_path)
     check_tiling(args.tile, args.overlap, 1)
     predictor = open_predictor(args, device, len(images))
-    outputs = [*out_names, "prob", "submission.tif", *(STACKS if is_stack(args.Test_Data_path) else ())]
-    start_output(args.save_res_path, PREDICTIONS, outputs, args=vars(args))  # the earlier results go as a whole
+    outputs = [*out_names, *(f"prob/{name}" for name in out_names), "submission.tif"]
+    outputs += STACKS if is_stack(args.Test_Data_path) else ()
+    out.start(writes=outputs, args=vars(args))  # the earlier results go as a whole
     prob_dir = os.path.join(args.save_res_path, "prob")
     make_output_dir(prob_dir, "--save_res_path")
 
@@ -163,8 +171,7 @@ def main(argv=None):
     seconds = time.time() - t0
     write_stacks(args, probs)
     checkpoint = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint  # as run.json always had
-    record = {"args": {**vars(args), "checkpoint": checkpoint}, **predictor.record(), "finished": True}
-    write_json_record(os.path.join(args.save_res_path, PREDICTIONS), {**record, "outputs": sorted(outputs)}, device)
+    out.finish(args={**vars(args), "checkpoint": checkpoint}, **predictor.record(), **run_record(device))
     print(
         f"{len(names)} masks in {args.save_res_path}/, probabilities in {prob_dir}/ ({predictor.describe()}, "
         f"{seconds:.1f}s on {device} x {args.workers} process(es){predictor.describe_settings()})"
