@@ -7,8 +7,10 @@ Where from, in order: $ISBI_DATA or ../shared/data/isbi2012 (a folder of the sam
 public 30 + 30 slice PNG copy in zhixuhao/unet (pinned to one commit, so its content cannot change).
 Everything lands in a temporary folder and is checked (every file decodes, labels are binary, every
 image has its label) before it is moved into place, so a failed copy or download leaves no half data.
-It writes only folders it made: data/.get_data.json lists the files it put there. A train/image,
-train/label or test folder of anyone else's is never touched; then it changes nothing and says so.
+It replaces only its own files: data/.get_data.json lists each file it put there with its size and digest.
+A train/image, train/label or test folder holding anything else (a file of the user's, or one of its own
+changed since) is never touched; then it changes nothing and says so. One get_data.py at a time writes a
+data folder (docs/details.md, "What a script may write").
 """
 
 from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
@@ -19,7 +21,6 @@ if __name__ == "__main__":
 
 import contextlib
 import io
-import json
 import os
 import shutil
 import sys
@@ -28,9 +29,10 @@ import urllib.request
 
 import cv2
 
-from isbi_unet.errors import DataError, atomic_write, check_apart, run_main, warn
+from isbi_unet.errors import DataError, run_main, warn
 from isbi_unet.flags import Parser
 from isbi_unet.images import find_pairs, list_images, read_gray, read_pair
+from isbi_unet.outputs import claim
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("train/image", "train/label", "test")
@@ -85,38 +87,45 @@ def download_to(staging, url_template):
                 raise DataError(f"{url}: downloaded file is not an image")
 
 
-def own_parts(data_dir):
-    """{part: file names} that get_data.py wrote, for the parts that still hold nothing else."""
+def others_parts(out):
+    """The parts of the claimed data folder holding anything get_data.py did not write, or changed since."""
+    users = out.users(under=PARTS)
+    return [part for part in PARTS if any(u == part or u.startswith(part + "/") for u in users)]
+
+
+def install(staging, out, origin):
+    """Moves the checked slices into the data folder, file by file, replacing only its own earlier ones; the
+    record lists each with its size and digest."""
+    files = [f"{part}/{name}" for part in PARTS for name in sorted(os.listdir(os.path.join(staging, part)))]
+    out.start(writes=files, source=origin)
+    for rel in files:
+        os.replace(os.path.join(staging, rel), out.path(rel))
+
+
+def fetch(args, out):
+    """Copies or downloads the slices into a staging folder, checks them, and installs them: (train, test) counts."""
+    staging = tempfile.mkdtemp(prefix=".incoming-", dir=args.data_dir)
     try:
-        with open(os.path.join(data_dir, RECORD)) as f:
-            record = json.load(f)["parts"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    own = {}
-    for part, names in record.items():
-        folder = os.path.join(data_dir, part)
-        if part in PARTS and os.path.isdir(folder) and set(os.listdir(folder)) <= set(names):
-            own[part] = names
-    return own
-
-
-def others_parts(data_dir):
-    """The parts present in data_dir that get_data.py did not write (or that hold files it did not write)."""
-    own = own_parts(data_dir)
-    return [part for part in PARTS if os.path.lexists(os.path.join(data_dir, part)) and part not in own]
-
-
-def install(staging, data_dir, origin):
-    """Moves the checked parts into data_dir, replacing only its own earlier ones, and records them."""
-    parts = {part: sorted(os.listdir(os.path.join(staging, part))) for part in PARTS}
-    for part in PARTS:
-        target = os.path.join(data_dir, part)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.rename(os.path.join(staging, part), target)
-    with atomic_write(os.path.join(data_dir, RECORD)) as tmp, open(tmp, "w") as f:
-        json.dump({"source": origin, "parts": parts}, f, indent=1)
+        if os.path.isdir(args.source):
+            origin = os.path.normpath(args.source)
+            print(f"get_data: copying ISBI 2012 slices from {origin}", flush=True)
+            copy_from(args.source, staging)
+        else:
+            origin = args.url.split("{part}")[0].rstrip("/")
+            print(f"get_data: downloading ISBI 2012 slices ({3 * N_SLICES} PNGs, about 15 MB)", flush=True)
+            download_to(staging, args.url)
+        warnings = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(warnings):
+                counts = check(staging)
+        except DataError as e:  # name the file where it came from, not the staging copy about to vanish
+            raise DataError(str(e).replace(staging, origin)) from None
+        finally:
+            sys.stderr.write(warnings.getvalue().replace(staging, origin))
+        install(staging, out, origin)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return counts
 
 
 def main(argv=None):
@@ -132,43 +141,23 @@ def main(argv=None):
         "--url", default=URL, help="download address, with {part} (train/image, train/label, test) and {i} (0-29)"
     )
     args = p.parse_args(argv)
-    if is_complete(args.data_dir):
-        return
-    from_env = bool(os.environ.get("ISBI_DATA"))
-    if from_env and not os.path.isdir(args.source):
-        raise DataError(f"{args.source}: ISBI_DATA points to no folder")
-    if os.path.isdir(args.source):
-        check_apart(args.data_dir, "--data_dir", [(args.source, "--source")])
-    others = others_parts(args.data_dir)
-    if others:  # the user's own slices: neither replaced nor mixed with the challenge's
-        found = ", ".join(os.path.join(args.data_dir, part) for part in others)
-        warn(
-            f"{found}: not written by get_data.py, so left as is and nothing added; complete train/image, "
-            f"train/label and test there yourself, or get the ISBI 2012 slices with --data_dir NEW_FOLDER"
-        )
-        return
-    os.makedirs(args.data_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".incoming-", dir=args.data_dir)
-    try:
-        if os.path.isdir(args.source):
-            origin = os.path.normpath(args.source)
-            print(f"get_data: copying ISBI 2012 slices from {origin}", flush=True)
-            copy_from(args.source, staging)
-        else:
-            origin = args.url.split("{part}")[0].rstrip("/")
-            print(f"get_data: downloading ISBI 2012 slices ({3 * N_SLICES} PNGs, about 15 MB)", flush=True)
-            download_to(staging, args.url)
-        warnings = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(warnings):
-                n_train, n_test = check(staging)
-        except DataError as e:  # name the file where it came from, not the staging copy about to vanish
-            raise DataError(str(e).replace(staging, origin)) from None
-        finally:
-            sys.stderr.write(warnings.getvalue().replace(staging, origin))
-        install(staging, args.data_dir, origin)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    inputs = [(args.source, "--source")] if os.path.isdir(args.source) else []
+    # --overwrite: the data folder may hold the user's other files; only the three parts must be free of them
+    with claim(args.data_dir, "--data_dir", RECORD, overwrite=True, inputs=inputs) as out:  # one get_data at once
+        if is_complete(args.data_dir):
+            return
+        if os.environ.get("ISBI_DATA") and not os.path.isdir(args.source):
+            raise DataError(f"{args.source}: ISBI_DATA points to no folder")
+        others = others_parts(out)
+        if others:  # the user's own slices: neither replaced nor mixed with the challenge's
+            found = ", ".join(os.path.join(args.data_dir, part) for part in others)
+            warn(
+                f"{found}: not written by get_data.py, or changed since, so left as is and nothing added; complete "
+                "train/image, train/label and test there yourself, or get the ISBI 2012 slices with "
+                "--data_dir NEW_FOLDER"
+            )
+            return
+        n_train, n_test = fetch(args, out)
     print(f"get_data: {n_train} labeled training slices and {n_test} test slices in {args.data_dir}/")
 
 
