@@ -228,7 +228,7 @@ def main(argv=None):
     """Trains and returns the model (every rank returns its replica)."""
     args = parse_args(argv)
     device = select_device(args.device, runtime.whoami().local_rank)
-    with StopSignals(device) as stop:  # Ctrl-C and SIGTERM now stop between steps (isbi_unet/interrupt.py)
+    with StopSignals(device) as stop, run_dir.held():  # run_dir.held: the run folder stays locked till the end
         return train(args, device, stop)
 
 
@@ -267,6 +267,7 @@ def train(args, device, stop):
             if master_process:
                 with stop.protected():  # a second Ctrl-C waits for the checkpoints to be written
                     save_epoch(s, engine, run, epoch, train_loss, scores, time.time() - t0, len(loader))
+                    run_dir.record_files(s.checkpoint_dir)  # what a later run may replace: these bytes
                     stop.resume_from = run.last_saved
         if stop.requested():  # during the last epoch's validation or save, which were let finish
             raise Interrupted(f"interrupted after the last epoch was saved; the run in {s.checkpoint_dir}/ is complete")

@@ -27,7 +27,6 @@ A single-file output (a plot, a figure, an ONNX file, a package) is new, or a fi
 this repo wrote (known by a mark inside it); anything else in its place is refused unless --overwrite.
 """
 
-import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -343,13 +342,6 @@ def claim(folder, flag, record, overwrite=False, inputs=()):
             out.finish()
     finally:
         lock.release()
-
-
-def hold(folder, flag):
-    """Locks `folder` for the rest of this process (a training run's folder): returns the FolderLock."""
-    lock = lock_folder(folder, flag)
-    atexit.register(lock.release)
-    return lock
 
 
 def check_finished(folder, record, flag):

@@ -1,19 +1,26 @@
 """A training run's folder (--checkpoint_dir): who may write it, and config.json, the run's settings.
 
-A folder holds a run once it has any of RUN_FILES. A new run never replaces another unless told
-(--overwrite); a resumed run continues in its checkpoint's own folder, keeps the log rows of the epochs
-it does not redo, and reads its settings back from config.json, where each resume is appended to a
-"resumed" list beside the original settings.
+A folder holds a run once it has any of RUN_FILES. One process at a time writes it (rank 0 holds an OS lock
+on the folder for the whole run; a second run there is refused, naming the first). A new run never replaces
+another unless told (--overwrite), and then removes only the files whose content is still what the run wrote:
+config.json's "files" lists each file of the run (log, plot, every file of its checkpoints) with its size and
+SHA-256 after every epoch. A file of the run changed since, and a file inside a checkpoint folder that the run
+did not write (a save replaces the folder as a whole), are the user's: the run is refused, naming them. A
+resumed run continues in its checkpoint's own folder, keeps the log rows of the epochs it does not redo, and
+reads its settings back from config.json, where each resume is appended to a "resumed" list beside the
+original settings.
 """
 
+import contextlib
 import hashlib
 import json
 import os
+from types import SimpleNamespace
 
 from isbi_unet.checkpoint import load_checkpoint
 from isbi_unet.errors import DataError, atomic_write, check_apart, check_output_dir, make_output_dir, warn
 from isbi_unet.images import list_images, training_sources
-from isbi_unet.outputs import remove
+from isbi_unet.outputs import file_digest, lock_folder, remove, still_written
 from isbi_unet.record import run_record
 from isbi_unet.training import truncate_log
 
@@ -23,17 +30,25 @@ RUN_STEMS = {"log", "config", "best", "last", "loss"}  # what a run writes (with
 MAY_CHANGE = frozenset("epochs device num_workers join_timeout step_timeout checkpoint_dir resume overwrite".split())
 
 
+CHECKPOINTS = ("best", "last")  # folders a save replaces as a whole
+LOCKS = SimpleNamespace(in_run=False, held={})  # inside held(): the run folders locked, real path -> FolderLock
+
+
 def checkpoint_dir_for(checkpoint_dir, resume, data_path, overwrite, master_process=True):
     """(folder, whether a run there is replaced): --checkpoint_dir, by default the folder of --resume.
 
-    Refused before any work when the folder lies in the data, cannot be written, or holds another run
-    without --overwrite.
+    In a run (inside `held()`) rank 0 locks the folder (made if new) until the run ends, then, under the lock:
+    refused before any work
+    when it lies in the data, cannot be written, or holds another run without --overwrite, files of the user's
+    without --overwrite, or files of the user's where the run writes (changed since, or inside a checkpoint).
     """
     if checkpoint_dir is None:
         checkpoint_dir = (os.path.dirname(resume) or ".") if resume else "checkpoints"
     check_apart(checkpoint_dir, "--checkpoint_dir", [(data_path, "--data_path")])
     check_output_dir(checkpoint_dir, "--checkpoint_dir")
     folder = os.path.realpath(checkpoint_dir)
+    if master_process and LOCKS.in_run and folder not in LOCKS.held:  # only rank 0 writes the folder
+        LOCKS.held[folder] = lock_folder(checkpoint_dir, "--checkpoint_dir")
     continuing = resume is not None and os.path.realpath(os.path.dirname(resume) or ".") == folder
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
     replace_run = bool(found) and not continuing
@@ -50,7 +65,77 @@ def checkpoint_dir_for(checkpoint_dir, resume, data_path, overwrite, master_proc
                 f"{checkpoint_dir}: --checkpoint_dir holds files a run does not write ({', '.join(others[:3])}); "
                 "choose a new or empty folder, or pass --overwrite to train there anyway"
             )
+    if master_process:
+        check_run_files(checkpoint_dir, replace_run)
     return checkpoint_dir, replace_run
+
+
+@contextlib.contextmanager
+def held():
+    """Around a training run: the run folders checkpoint_dir_for locks stay locked until it ends (a folder it
+    made and left empty, as a refused run does, is removed). Outside one (resolve_args called as a library)
+    nothing is locked or made."""
+    LOCKS.in_run = True
+    try:
+        yield
+    finally:
+        LOCKS.in_run = False
+        for lock in LOCKS.held.values():
+            lock.release()
+        LOCKS.held.clear()
+
+
+def recorded_files(folder):
+    """config.json's "files" ({relative path: size and digest}), or None (no record, or a run from before it)."""
+    with contextlib.suppress(DataError):
+        files = (read_config(os.path.join(folder, "config.json")) or {}).get("files")
+        return files if isinstance(files, dict) else None
+    return None
+
+
+def run_files(folder):
+    """Relative paths of the files under the run's names in `folder` (inside checkpoint folders too)."""
+    found = []
+    for name in (*RUN_FILES, "loss.png"):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            for sub, _, files in os.walk(path):
+                found += [os.path.relpath(os.path.join(sub, f), folder) for f in files]
+        elif os.path.lexists(path):
+            found.append(name)
+    return sorted(found)
+
+
+def check_run_files(checkpoint_dir, replace_run):
+    """Refuses a run that would remove a file of the user's: with a record, a file in a checkpoint folder it does
+    not list (a save replaces the folder), and, when the run is replaced, a listed file changed since."""
+    files = recorded_files(checkpoint_dir)
+    if files is None:
+        return
+    for rel in run_files(checkpoint_dir):
+        if rel == "config.json":
+            continue
+        unlisted = rel not in files and rel.split("/")[0] in CHECKPOINTS
+        changed = replace_run and rel in files and not still_written(os.path.join(checkpoint_dir, rel), files[rel])
+        if unlisted or changed:
+            what = "was changed since the run wrote it" if changed else "was not written by the run"
+            raise DataError(
+                f"{os.path.join(checkpoint_dir, rel)}: --checkpoint_dir holds this, which {what}, where the run "
+                "writes; move it away, or choose another folder"
+            )
+
+
+def record_files(checkpoint_dir):
+    """After every save: config.json's "files", each file of the run with its size and digest, so that a run
+    replacing this one removes only what is still as the run wrote it."""
+    path = os.path.join(checkpoint_dir, "config.json")
+    config = read_config(path)
+    if config is None:
+        return
+    config["files"] = {rel: file_digest(os.path.join(checkpoint_dir, rel)) for rel in run_files(checkpoint_dir)}
+    del config["files"]["config.json"]
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def not_a_runs(folder):
@@ -169,5 +254,19 @@ def prepare_run_dir(checkpoint_dir, replace_run, done_epochs):
     """Rank 0: the folder made, a replaced run's files removed, and log rows after `done_epochs` dropped."""
     make_output_dir(checkpoint_dir, "--checkpoint_dir")
     if replace_run:  # --overwrite: nothing of the old run stays to be mistaken for this one's
-        remove(checkpoint_dir, (*RUN_FILES, "loss.png"))
+        remove_replaced_run(checkpoint_dir)
     truncate_log(os.path.join(checkpoint_dir, "log.csv"), done_epochs)
+
+
+def remove_replaced_run(checkpoint_dir):
+    """The replaced run's files still as it wrote them (checked under the lock: check_run_files); a run from
+    before config.json listed its files goes by name."""
+    files = recorded_files(checkpoint_dir)
+    if files is None:
+        remove(checkpoint_dir, (*RUN_FILES, "loss.png"))
+        return
+    remove(checkpoint_dir, [rel for rel in run_files(checkpoint_dir) if rel in files or rel == "config.json"])
+    for name in CHECKPOINTS:  # their folders, once empty
+        for sub, _, _ in sorted(os.walk(os.path.join(checkpoint_dir, name)), key=lambda w: -len(w[0])):
+            with contextlib.suppress(OSError):
+                os.rmdir(sub)
