@@ -3,8 +3,9 @@
 `SelfDataSet` pairs `image_dir/NAME.png` with `label_dir/NAME.png`, standardises each slice to zero mean
 and unit variance (`preprocess`, which prediction shares), binarises labels (255 = cell -> 1,
 0 = membrane -> 0) and augments as the U-Net paper does: elastic deformation, the 8 flips/rotations
-of the square, mild intensity jitter, and optional random crops; optionally it also returns the
-paper's border weight map for each sample. The logic is `isbi_unet.dataset.Slices` (NumPy only).
+of the square (the 4 that keep the shape of a non-square slice), mild intensity jitter, and optional
+random crops; optionally it also returns the paper's border weight map for each sample. The logic is
+`isbi_unet.dataset.Slices` (NumPy only).
 
     python3 dataloader.py --data_path data/train     # checks the folder and prints what it found
 """

@@ -16,7 +16,8 @@ class Slices:
 
     image_dir, label_dir: folders of images with the same names, or two stacks with as many pages.
     names:     which file names of `image_dir` to use (default: all pairs, in natural order).
-    augment:   elastic deformation (if elastic_sigma > 0), random flip/rotation, intensity jitter.
+    augment:   elastic deformation (if elastic_sigma > 0), random flip/rotation (of the 8 symmetries of a square
+               sample, the 4 that keep a non-square sample's shape), intensity jitter.
     crop_size: random square crop of this side (None or 0: whole slice).
     samples_per_slice: items drawn from each slice per epoch, each with its own crop and augmentation.
     border_weight: w0 of the paper's weight map; > 0 makes items (image, label, weight).
@@ -84,5 +85,10 @@ class Slices:
             arrays = [a[:, y : y + self.crop_size, x : x + self.crop_size] for a in arrays]
         if self.augment:
             k = int(rng.integers(8))
+            if arrays[0].shape[-2] != arrays[0].shape[-1]:
+                # A quarter turn makes HxW into WxH, which no batch of HxW samples can stack with: a non-square
+                # sample takes the 4 symmetries that keep its shape (k -> k & ~1: a half turn and/or a flip),
+                # each as likely as before; a square one keeps all 8, drawn as before.
+                k &= ~1
             arrays = [dihedral(a, k) for a in arrays]
         return tuple(np.ascontiguousarray(a, dtype=np.float32) for a in arrays)
