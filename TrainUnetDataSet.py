@@ -111,8 +111,9 @@ def resolve_args(args, cuda, world_size=1):
 
 
 def run_args(s):
-    """The settings as a checkpoint and config.json record them."""
-    return {k: v for k, v in s._asdict().items() if k not in ("original", "changed")}
+    """The settings as a checkpoint and config.json record them, with the directory a relative --data_path
+    is relative to (a checkpoint copied on its own is resumed from anywhere)."""
+    return {**{k: v for k, v in s._asdict().items() if k not in ("original", "changed")}, "cwd": os.getcwd()}
 
 
 def seed_all(seed):

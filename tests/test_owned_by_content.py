@@ -252,3 +252,17 @@ def test_a_sub_folder_linked_to_an_input_is_refused_like_the_folder(data, traine
     proc = predict_script(trained / "best", f"{data}/test", res, "--overwrite", check=False)
     assert_fails(proc, f"{res}/prob: --save_res_path is --Test_Data_path")
     assert snapshot(data) == before
+
+
+def test_a_checkpoint_copied_on_its_own_finds_its_relative_data_from_anywhere(tmp_path):
+    work = tmp_path / "work"
+    write_dataset(str(work / "data"))
+    script = os.path.join(REPO, "TrainUnetDataSet.py")
+    args = ["--data_path", "data/train", "--epochs", 1, "--checkpoint_dir", "ckpt", *TINY]
+    subprocess.run([sys.executable, script, *map(str, args)], cwd=work, check=True, capture_output=True)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copytree(work / "ckpt" / "last", alone / "last")  # without its config.json
+    proc = run("TrainUnetDataSet.py", "--resume", alone / "last", "--epochs", 2, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch   2/2" in proc.stdout
