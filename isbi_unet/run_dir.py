@@ -132,10 +132,22 @@ def record_files(checkpoint_dir):
     config = read_config(path)
     if config is None:
         return
-    config["files"] = {rel: file_digest(os.path.join(checkpoint_dir, rel)) for rel in run_files(checkpoint_dir)}
+    config["files"] = {rel: digest_once(os.path.join(checkpoint_dir, rel)) for rel in run_files(checkpoint_dir)}
     del config["files"]["config.json"]
     with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(config, f, indent=2)
+
+
+DIGESTS = {}  # path -> (inode, size, mtime, digest): `best` unchanged since the last epoch is not read again
+
+
+def digest_once(path):
+    """file_digest(path), read again only when the file is another (a save renames new files into place)."""
+    st = os.stat(path)
+    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    if DIGESTS.get(path, (None,))[:3] != key:
+        DIGESTS[path] = (*key, file_digest(path))
+    return DIGESTS[path][3]
 
 
 def not_a_runs(folder):
