@@ -156,7 +156,7 @@ def test_a_prediction_into_a_folder_being_written_is_refused_naming_the_writer(d
     predict_script(trained / "best", f"{data}/test", res)  # released: as any other run
 
 
-def test_visualize_and_get_data_wait_for_no_one(data, trained, tmp_path):
+def test_visualize_and_get_data_refuse_a_folder_being_written(data, trained, tmp_path):
     res = tmp_path / "R"
     predict_script(trained / "best", f"{data}/test", res)
     with locked(res / "overlay") as holder:
