@@ -267,6 +267,7 @@ def train(args, device, stop):
             scores = evaluate(engine, val_set, criterion, device, epoch) if val_set else {}
             if master_process:
                 with stop.protected():  # a second Ctrl-C waits for the checkpoints to be written
+                    run_dir.record_files(s.checkpoint_dir, saving=True)
                     save_epoch(s, engine, run, epoch, train_loss, scores, time.time() - t0, len(loader))
                     run_dir.record_files(s.checkpoint_dir)  # what a later run may replace: these bytes
                     stop.resume_from = run.last_saved

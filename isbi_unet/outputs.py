@@ -139,6 +139,16 @@ def read_record(folder, record):
     return data if ours else None
 
 
+def earlier_version(folder, record):
+    """Whether `record` in `folder` is one this repo wrote before records listed digests (names only)."""
+    try:
+        with open(os.path.join(folder, record)) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("outputs"), list) and "files" not in data
+
+
 def within(rel):
     """`rel` normalised, or None when it leaves the folder (an absolute path or `..`: a forged record)."""
     rel = os.path.normpath(rel)
@@ -233,6 +243,11 @@ class Output:
 
     def check(self):
         _, users, _, changed = survey(self.folder, self.record)
+        if users and not self.overwrite and earlier_version(self.folder, self.record):
+            raise DataError(
+                f"{self.folder}: {self.flag} holds the output of an earlier version of this script, whose "
+                f"{self.record} lists no digests to tell its files from yours; move it away, or choose a new folder"
+            )
         if users and not self.overwrite:
             raise DataError(
                 f"{self.folder}: {self.flag} holds files this script did not write ({describe(users, changed)}); "

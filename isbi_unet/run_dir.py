@@ -86,7 +86,8 @@ def held():
 
 
 def recorded_files(folder):
-    """config.json's "files" ({relative path: size and digest}), or None (no record, or a run from before it)."""
+    """config.json's "files" ({relative path: size and digest}), or None: no record yet, a save under way, or a
+    run from before records listed digests (its files are known by their names)."""
     with contextlib.suppress(DataError):
         files = (read_config(os.path.join(folder, "config.json")) or {}).get("files")
         return files if isinstance(files, dict) else None
@@ -125,15 +126,17 @@ def check_run_files(checkpoint_dir, replace_run):
             )
 
 
-def record_files(checkpoint_dir):
+def record_files(checkpoint_dir, saving=False):
     """After every save: config.json's "files", each file of the run with its size and digest, so that a run
-    replacing this one removes only what is still as the run wrote it."""
+    replacing this one removes only what is still as the run wrote it. Before a save (`saving`) the list is
+    null, being written: a run killed inside the save leaves files that are all its own, known by their names
+    as before the first save."""
     path = os.path.join(checkpoint_dir, "config.json")
     config = read_config(path)
     if config is None:
         return
-    config["files"] = {rel: digest_once(os.path.join(checkpoint_dir, rel)) for rel in run_files(checkpoint_dir)}
-    del config["files"]["config.json"]
+    files = [rel for rel in run_files(checkpoint_dir) if rel != "config.json"]
+    config["files"] = None if saving else {rel: digest_once(os.path.join(checkpoint_dir, rel)) for rel in files}
     with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(config, f, indent=2)
 

@@ -145,6 +145,18 @@ def test_a_users_file_inside_a_checkpoint_is_not_deleted_by_the_next_save(data, 
     assert (ckpt / "best" / "notes.txt").read_text() == "mine"
 
 
+def test_results_of_an_earlier_version_are_refused_saying_why(data, trained, tmp_path):
+    res = tmp_path / "R"
+    predict_script(trained / "best", f"{data}/test", res)
+    record = json.loads((res / "run.json").read_text())
+    del record["files"]  # as records were before they listed digests: names only
+    (res / "run.json").write_text(json.dumps(record))
+    before = snapshot(res)
+    proc = predict_script(trained / "best", f"{data}/test", res, check=False)
+    assert_fails(proc, res, "earlier version of this script", "no digests")
+    assert snapshot(res) == before
+
+
 # --- rule 2: one writer at a time ------------------------------------------------------------------
 
 
