@@ -137,7 +137,6 @@ def check_outputs(args, overlay_dir, figure):
             raise DataError(f"{overlay_dir}: --overlay_dir is {kept}, whose masks it would overwrite; choose another")
     check_output_dir(overlay_dir, "--overlay_dir")
     check_output_dir(os.path.dirname(os.path.abspath(figure)), "--figure")
-    claim_file(figure, "--figure", "figure", args.overwrite)
 
 
 def main(argv=None):
@@ -151,6 +150,7 @@ def main(argv=None):
     check_outputs(args, overlay_dir, figure)
     inputs = [(args.image_path, "--image_path"), (args.label_path, "--label_path")]
     with claim(overlay_dir, "--overlay_dir", OVERLAYS, args.overwrite, inputs) as out:  # locked till the end
+        claim_file(figure, "--figure", "figure", args.overwrite)  # checked under the lock, like the folder
         names = slice_names(args.image_path)[: args.n]
         slices = [(name, *load_slice(args, name)) for name in names]  # everything checked before writing
         written = [os.path.splitext(name)[0] + ".png" for name, *_ in slices]
