@@ -98,7 +98,7 @@ EOF
 
 # --- bash setup.sh --torch: the side venv that adds PyTorch weights to bioimage.io packages (export_onnx.py
 # runs isbi_unet/package_worker.py in it). The project's .venv stays free of torch: PyPI's torch for CPython 3.10
-# is a CUDA build of several GB, its CPU build for 3.11+ a ~190 MB wheel (requirements-torch.txt).
+# is a CUDA build of several GB, its CPU build for 3.11+ a ~190 MB wheel (torch-requirements.txt).
 _torch_venv="$_repo/.venv-torch"
 
 _torch_python_ok() {  # a CPython 3.11+ with venv
@@ -138,10 +138,10 @@ _make_torch_venv() {
         echo "setup.sh: creating $_torch_venv with $python ($("$python" -V 2>&1))" >&2
         "$python" -m venv "$_torch_venv" || return 1
     fi
-    want="$(sha256sum "$_repo/requirements-torch.txt" | cut -d' ' -f1)"
+    want="$(sha256sum "$_repo/torch-requirements.txt" | cut -d' ' -f1)"
     if [ "$(cat "$_torch_venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
-        echo "setup.sh: installing requirements-torch.txt into $_torch_venv (CPU torch: about 1.5 GB, once)" >&2
-        "$_torch_venv/bin/python" -m pip install -q --disable-pip-version-check -r "$_repo/requirements-torch.txt" \
+        echo "setup.sh: installing torch-requirements.txt into $_torch_venv (CPU torch: about 1.5 GB, once)" >&2
+        "$_torch_venv/bin/python" -m pip install -q --disable-pip-version-check -r "$_repo/torch-requirements.txt" \
             2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) || return 1
         echo "$want" > "$_torch_venv/.requirements.sha256"
     fi

@@ -195,13 +195,14 @@ def test_a_tiled_prediction_of_the_package_equals_the_whole_slice(package):
     """In the separate Python, with the torchscript weights: bioimageio.core's blockwise prediction (several
     blocks) against the package's own whole-slice output, away from the border the tools pad themselves."""
     code = (
-        "import sys, json; sys.path.append(sys.argv[2]); import package_worker as w; "
+        "import sys, json, importlib.util as u; s = u.spec_from_file_location('w', sys.argv[2]); "
+        "w = u.module_from_spec(s); s.loader.exec_module(w); "  # by path: isbi_unet/ would shadow bioimageio
         "from bioimageio.spec import load_model_description as load; "
         "d = load(sys.argv[1], perform_io_checks=False); halo = d.outputs[0].axes[2].halo; "
         "print(json.dumps([halo, *w.tiled_difference(d, 'torchscript', halo, d.inputs[0].axes[2].size.min + 16)]))"
     )
     proc = subprocess.run(
-        [torch_python(), "-c", code, str(package), os.path.join(REPO, "isbi_unet")],
+        [torch_python(), "-c", code, str(package), os.path.join(REPO, "isbi_unet", "package_worker.py")],
         capture_output=True,
         text=True,
         timeout=600,
