@@ -189,8 +189,6 @@ def export(args, model, state, image, path):
 
 def write_package(args, model, state, image, path):
     """The bioimage.io package of the checked ONNX file `path` (and PyTorch weights with a torch Python)."""
-    if args.torch_python:
-        bio.check_twin(state["model_config"])
     arrays = {k: v.numpy() for k, v in model.state_dict().items()}  # NumPy: the torch side needs no OneFlow
 
     def reference(x):
@@ -232,6 +230,8 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     model, state = load_model(args.checkpoint, "cpu")
+    if args.bioimageio and args.torch_python:
+        bio.check_twin(state["model_config"])  # before converting: the twin's refusal is the one to report
     image = first_slice(args.check_data)
     with tempfile.TemporaryDirectory() as tmp:  # nothing appears at --out or --bioimageio before its checks pass
         path = os.path.join(tmp, "weights.onnx")

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import cv2
@@ -101,9 +102,8 @@ def tiled(forward, x, halo, block):
     return out
 
 
-def seam_difference(forward, x, halo):
+def seam_difference(forward, x, whole, halo):
     """Largest |tiled - whole| more than `halo` px from the border of `x` (where tools pad the image themselves)."""
-    whole = forward(x[None, None])[0, 0]
     got = tiled(forward, x, halo, block_size(min(x.shape), halo))
     inner = (slice(halo, -halo), slice(halo, -halo))
     return float(np.abs(got[inner] - whole[inner]).max())
@@ -113,11 +113,12 @@ def measure_halo(forward, image):
     """(halo, {halo: difference}): the smallest 16-aligned halo whose tiles equal the whole slice within
     TOLERANCE, measured on `image` cut to a multiple of 16; DataError when the slice is too small to tell."""
     x = standardise(image[: image.shape[0] // STEP * STEP, : image.shape[1] // STEP * STEP])
+    whole = forward(x[None, None])[0, 0]
     measured = {}
     for halo in HALOS:
         if min(x.shape) < 2 * halo + 2 * STEP:  # nothing left to compare once the border band is cut
             break
-        measured[halo] = seam_difference(forward, x, halo)
+        measured[halo] = seam_difference(forward, x, whole, halo)
         if measured[halo] <= TOLERANCE:
             return halo, measured
     tried = ", ".join(f"{h} px {d:.4f}" for h, d in measured.items()) or "none fit"
@@ -409,10 +410,11 @@ def check_twin(config):
 
 def run_worker(python, *args):
     """The parsed JSON line `python package_worker.py ARGS` prints; its one-line error as a DataError."""
-    proc = subprocess.run([python, WORKER, *map(str, args)], capture_output=True, text=True, timeout=3600)
+    env = {**os.environ, "TQDM_DISABLE": "1"}  # bioimageio.core's progress bar per block
+    proc = subprocess.run([python, WORKER, *map(str, args)], capture_output=True, text=True, timeout=3600, env=env)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        raise DataError(f"{python}: the PyTorch step ({args[0]}) failed: {lines[-1] if lines else proc.returncode}")
+        raise DataError(f"{python}: the package's {args[0]} step failed: {lines[-1] if lines else proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -493,7 +495,7 @@ def write_package(path, onnx_path, state, checkpoint, image, curation, reference
         with contextlib.redirect_stdout(io.StringIO()):
             save_bioimageio_package(descr, output_path=package)
         block = block_size(min(image.shape), halo)
-        results = worker.test(package, halo, block, ["onnx"])
+        results = run_worker(sys.executable, "test", package, halo, block, "onnx")  # a process: its chatter stays apart
         if torch_info:
             results.update(run_worker(torch_python, "test", package, halo, block, *TORCH_FORMATS))
         check_tests(path, results)
