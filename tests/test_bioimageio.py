@@ -184,9 +184,14 @@ def test_every_format_agrees_with_oneflow_and_tiles_with_the_whole(exported):
     """The export's own report: each weight format within 1/255 of the OneFlow checkpoint, and the halo it
     measured leaves tiles within 1/255 of the whole slice."""
     stdout = exported[1]
-    diffs = dict(re.findall(r"(onnx|pytorch_state_dict|torchscript) ([0-9.e+-]+)", stdout.split("from OneFlow:")[1]))
-    assert set(diffs) == {"onnx", "pytorch_state_dict", "torchscript"}
-    assert all(float(d) <= 1 / 255 for d in diffs.values()), diffs
+
+    def per_format(after):
+        part = stdout.split(after)[1].split(";")[0].splitlines()[0]
+        return {f: float(d) for f, d in re.findall(r"(onnx|pytorch_state_dict|torchscript) ([0-9.e+-]+)", part)}
+
+    for numbers in (per_format("from OneFlow:"), per_format("differs from the whole slice by")):
+        assert set(numbers) == {"onnx", "pytorch_state_dict", "torchscript"}
+        assert all(d <= 1 / 255 for d in numbers.values()), numbers
     seams = dict(re.findall(r"(\d+) px ([0-9.]+)", stdout.split("tiles vs whole slice:")[1].split(")")[0]))
     assert float(seams[str(halo_of(stdout))]) <= 1 / 255
 
