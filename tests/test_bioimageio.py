@@ -355,6 +355,19 @@ def test_a_package_names_its_authors(trained_run, check_data, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--opset", 18], "--opset 18: deepImageJ reads opset 17 at most"),
+        (["--git_repo", "github.com/x/y"], "--git_repo github.com/x/y: give the repository's https:// URL"),
+    ],
+)
+def test_package_flags_deepimagej_or_curators_cannot_use_are_refused(flags, message, trained_run, check_data, tmp_path):
+    args = export_args(trained_run / "best", tmp_path / "p.zip", check_data, *flags)
+    assert_fails(run("export_onnx.py", *args, check=False), message)
+    assert os.listdir(tmp_path) == []
+
+
 def test_the_halo_is_the_smallest_whose_tiles_equal_the_whole():
     """A stand-in network that sees 20 px around each pixel (a box filter): 16 px of halo leave seams, 32 none."""
 
