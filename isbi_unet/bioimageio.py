@@ -435,13 +435,19 @@ def add_torch_weights(folder, python, state, arrays, model_input, expected):
     return info
 
 
-def check_tests(path, results):
-    """DataError naming the first weight format whose test_model or tiled prediction failed."""
+def test_package(path, package, halo, block, torch_python):
+    """test_model and a tiled prediction of every weight format: ONNX in this Python (a process of its own, so
+    that bioimageio.core's output stays apart), the PyTorch ones in `torch_python`; DataError naming the first
+    that failed, else {format: result}."""
+    results = run_worker(sys.executable, "test", package, halo, block, "onnx")
+    if torch_python:
+        results.update(run_worker(torch_python, "test", package, halo, block, *TORCH_FORMATS))
     for weight_format, result in results.items():
         if result["status"] != "passed":
             raise DataError(
                 f"{path}: not written, bioimageio.core's test failed ({weight_format}): {result['failure']}"
             )
+    return results
 
 
 def validation_warnings(package):
@@ -494,11 +500,7 @@ def write_package(path, onnx_path, state, checkpoint, image, curation, reference
         package = os.path.join(folder, "package.zip")
         with contextlib.redirect_stdout(io.StringIO()):
             save_bioimageio_package(descr, output_path=package)
-        block = block_size(min(image.shape), halo)
-        results = run_worker(sys.executable, "test", package, halo, block, "onnx")  # a process: its chatter stays apart
-        if torch_info:
-            results.update(run_worker(torch_python, "test", package, halo, block, *TORCH_FORMATS))
-        check_tests(path, results)
+        results = test_package(path, package, halo, block_size(min(image.shape), halo), torch_info and torch_python)
         warnings = validation_warnings(package)
         with atomic_write(path, "the bioimage.io package") as tmp:
             shutil.copyfile(package, tmp)
