@@ -51,7 +51,23 @@ def parse_args(argv=None):
     p.add_argument(
         "--bioimageio", help="write a bioimage.io model package (.zip) for Fiji and napari (docs/bioimageio.md)"
     )
-    p.add_argument("--author", default=bio.DEFAULT_AUTHOR, help="the package's author (with --bioimageio)")
+    p.add_argument(
+        "--author",
+        action="append",
+        help="with --bioimageio (required there): an author of the package, by name; repeat for several",
+    )
+    p.add_argument(
+        "--github_user",
+        action="append",
+        help="the GitHub account of the --author in the same position; those with one maintain the package",
+    )
+    p.add_argument("--package_version", default="0.1.0", help="the package's version (with --bioimageio)")
+    p.add_argument("--git_repo", help="the package's source repository, an https URL (with --bioimageio)")
+    p.add_argument(
+        "--torch_python",
+        help="a Python with torch and bioimageio.core that adds the pytorch_state_dict and torchscript weights "
+        f"(default: .venv-torch/bin/python, made by `bash setup.sh --torch`, when there; '{bio.NO_TORCH}': ONNX only)",
+    )
     p.add_argument(
         "--size", type=int, default=512, help="side of the square input it is traced and checked at, a multiple of 16"
     )
@@ -93,7 +109,23 @@ def check_args(args):
             claim_file(path, flag, kind, args.overwrite)
     ob.import_onnxruntime()  # before the slow part: without it there is nothing to check against
     if args.bioimageio is not None:
-        bio.import_core()
+        check_package_args(args)
+
+
+def check_package_args(args):
+    """--bioimageio's own flags; the torch Python is run once here, before the slow part."""
+    if not args.author:
+        raise DataError("--bioimageio needs --author NAME (the package names its authors; no placeholder people)")
+    if len(args.github_user or []) > len(args.author):
+        raise DataError(f"--github_user: {len(args.github_user)} given for {len(args.author)} --author")
+    if args.opset > bio.MAX_OPSET:
+        raise DataError(f"--opset {args.opset}: deepImageJ reads opset {bio.MAX_OPSET} at most; pass one up to it")
+    if args.git_repo is not None and not args.git_repo.startswith("https://"):
+        raise DataError(f"--git_repo {args.git_repo}: give the repository's https:// URL")
+    bio.import_core()
+    args.torch_python = bio.find_torch_python(args.torch_python)
+    if args.torch_python:
+        bio.check_torch_python(args.torch_python)
 
 
 def add_metadata(path, state, size, checkpoint):
@@ -155,18 +187,60 @@ def export(args, model, state, image, path):
     return diff
 
 
+def write_package(args, model, state, image, path):
+    """The bioimage.io package of the checked ONNX file `path` (and PyTorch weights with a torch Python)."""
+    arrays = {k: v.numpy() for k, v in model.state_dict().items()}  # NumPy: the torch side needs no OneFlow
+
+    def reference(x):
+        with flow.no_grad():
+            return flow.sigmoid(model(flow.tensor(x))).numpy()
+
+    curation = {
+        "authors": args.author,
+        "github_users": args.github_user,
+        "version": args.package_version,
+        "git_repo": args.git_repo,
+    }
+    return bio.write_package(
+        args.bioimageio, path, state, args.checkpoint, image, curation, reference, arrays, args.torch_python
+    )
+
+
+def print_package(args, report):
+    """What the package holds and what was measured, and how to add PyTorch weights when they are missing."""
+    seams = ", ".join(f"{h} px {d:.4f}" for h, d in report["seams"].items())
+    diffs = ", ".join(f"{f} {d:.1e}" for f, d in report["max_difference"].items())
+    blocks = report["tests"]["onnx"].get("blocks")
+    tiled = ", ".join(f"{f} {r['tiled_difference']:.1e}" for f, r in report["tests"].items())
+    print(
+        f"{args.bioimageio}: bioimage.io model package, weights {', '.join(report['formats'])}; halo "
+        f"{report['halo']} px (tiles vs whole slice: {seams}); max difference from OneFlow: {diffs}; "
+        f"bioimageio.core's test_model passed for every format, and its tiled prediction ({blocks} blocks) "
+        f"differs from the whole slice by {tiled}"
+    )
+    for warning in report["warnings"]:
+        print(f"{args.bioimageio}: bioimageio.spec warns: {warning}")
+    if not args.torch_python:
+        print(
+            f"{args.bioimageio}: ONNX weights only (deepImageJ, bioimageio.core); for ilastik, QuPath and BiaPy "
+            f"add PyTorch weights: {bio.ADD_TORCH}, then export again"
+        )
+
+
 def main(argv=None):
     keyboard_interrupts()
     args = parse_args(argv)
     check_args(args)
     model, state = load_model(args.checkpoint, "cpu")
+    if args.bioimageio and args.torch_python:
+        bio.check_twin(state["model_config"])  # before converting: the twin's refusal is the one to report
     image = first_slice(args.check_data)
     with tempfile.TemporaryDirectory() as tmp:  # nothing appears at --out or --bioimageio before its checks pass
         path = os.path.join(tmp, "weights.onnx")
         diff = export(args, model, state, image, path)
         size = os.path.getsize(path) / 1e6
         if args.bioimageio:
-            bio.write_package(args.bioimageio, path, state, args.checkpoint, image, args.author)
+            report = write_package(args, model, state, image, path)
         if args.out:
             with atomic_write(args.out, "the ONNX file") as out:
                 shutil.copyfile(path, out)
@@ -176,7 +250,7 @@ def main(argv=None):
         f"{args.check_data}: max difference of probabilities {diff:.1e}"
     )
     if args.bioimageio:
-        print(f"{args.bioimageio}: bioimage.io model package, passed bioimageio.core's test_model")
+        print_package(args, report)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 #
 #   source setup.sh                 # then: python3 TrainUnetDataSet.py, python3 -m oneflow.distributed.launch ...
 #   PYTHON=/path/to/python3.9 source setup.sh
+#   bash setup.sh --torch           # only .venv-torch: CPython 3.11+ with CPU torch, for export_onnx.py --bioimageio
 
 _repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 _venv="$_repo/.venv"
@@ -94,6 +95,65 @@ export GLOG_minloglevel="${GLOG_minloglevel:-2}"
 EOF
     fi
 }
+
+# --- bash setup.sh --torch: the side venv that adds PyTorch weights to bioimage.io packages (export_onnx.py
+# runs isbi_unet/package_worker.py in it). The project's .venv stays free of torch: PyPI's torch for CPython 3.10
+# is a CUDA build of several GB, its CPU build for 3.11+ a ~190 MB wheel (torch-requirements.txt).
+_torch_venv="$_repo/.venv-torch"
+
+_torch_python_ok() {  # a CPython 3.11+ with venv
+    "$1" -c 'import sys, venv; sys.exit(not sys.version_info[:2] >= (3, 11))' >/dev/null 2>&1
+}
+
+_find_torch_python() {
+    local candidates=()
+    [ -n "${TORCH_BASE_PYTHON:-}" ] && candidates+=("$TORCH_BASE_PYTHON")
+    candidates+=(python3.11 python3.12 python3.13)
+    if command -v pyenv >/dev/null 2>&1; then
+        candidates+=($(ls -d "$(pyenv root)"/versions/3.1[1-3].*/bin/python 2>/dev/null | sort -V))
+    fi
+    candidates+=(python3)
+    local c
+    for c in "${candidates[@]}"; do
+        if command -v "$c" >/dev/null 2>&1 && _torch_python_ok "$c"; then
+            command -v "$c"
+            return 0
+        fi
+    done
+    return 1
+}
+
+_make_torch_venv() {
+    local python want
+    if ! python="$(_find_torch_python)"; then
+        echo "setup.sh: no CPython 3.11+ found for .venv-torch (torch's CPU wheels start there)." >&2
+        echo "setup.sh: install one (e.g. 'pyenv install 3.11'), or point TORCH_BASE_PYTHON at it" >&2
+        return 1
+    fi
+    if [ -x "$_torch_venv/bin/python" ] && ! _torch_python_ok "$_torch_venv/bin/python"; then
+        echo "setup.sh: $_torch_venv is broken or of another Python; recreating it" >&2
+        rm -rf "$_torch_venv"
+    fi
+    if [ ! -x "$_torch_venv/bin/python" ]; then
+        echo "setup.sh: creating $_torch_venv with $python ($("$python" -V 2>&1))" >&2
+        "$python" -m venv "$_torch_venv" || return 1
+    fi
+    want="$(sha256sum "$_repo/torch-requirements.txt" | cut -d' ' -f1)"
+    if [ "$(cat "$_torch_venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
+        echo "setup.sh: installing torch-requirements.txt into $_torch_venv (CPU torch: about 1.5 GB, once)" >&2
+        "$_torch_venv/bin/python" -m pip install -q --disable-pip-version-check -r "$_repo/torch-requirements.txt" \
+            2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) || return 1
+        echo "$want" > "$_torch_venv/.requirements.sha256"
+    fi
+    echo "setup.sh: $_torch_venv is ready; export_onnx.py --bioimageio uses it for the PyTorch weights" >&2
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ] && [ "${1:-}" = "--torch" ]; then
+    _make_torch_venv
+    exit $?
+fi
+unset -f _torch_python_ok _find_torch_python _make_torch_venv
+unset _torch_venv
 
 if _make_venv; then
     # activate reads unset variables, which `set -u` (in our scripts) would reject

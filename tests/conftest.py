@@ -45,7 +45,9 @@ def user_checkout(root, n_train=6, n_test=1):
     there as a user runs them (setup.sh finds the venv up to date), touching nothing in this checkout."""
     root = Path(root)
     shutil.copytree(
-        REPO, root, ignore=shutil.ignore_patterns(".git", ".venv", "data", "checkpoints", "__pycache__", "*cache*")
+        REPO,
+        root,
+        ignore=shutil.ignore_patterns(".git", ".venv", ".venv-torch", "data", "checkpoints", "__pycache__", "*cache*"),
     )
     os.symlink(os.path.realpath(os.path.join(REPO, ".venv")), root / ".venv")
     write_dataset(str(root / "data"), n_train=n_train, n_test=n_test)
