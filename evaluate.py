@@ -19,12 +19,13 @@ import os
 
 import numpy as np
 
-from isbi_unet.errors import DataError, run_main
+from isbi_unet.errors import DataError
 from isbi_unet.flags import Parser
 from isbi_unet.formats import PREDICTIONS
 from isbi_unet.images import list_images, natural_key, read_gray, read_label, slice_names
 from isbi_unet.metrics import print_scores
 from isbi_unet.outputs import check_finished
+from isbi_unet.process import run_main
 from isbi_unet.stacks import is_stack
 
 

@@ -32,12 +32,13 @@ import oneflow as flow
 from isbi_unet import bioimageio as bio
 from isbi_unet import onnx_backend as ob
 from isbi_unet.checkpoint import load_model
-from isbi_unet.errors import DataError, atomic_write, check_apart, check_flags, check_output_dir, run_main
+from isbi_unet.errors import DataError, atomic_write, check_apart, check_flags, check_output_dir
 from isbi_unet.flags import Parser
 from isbi_unet.formats import POOL
 from isbi_unet.images import preprocess, read_slice, slice_names
 from isbi_unet.onnx_export import MIN_OPSET, convert, free_sizes
 from isbi_unet.outputs import claim_file
+from isbi_unet.process import run_main
 
 DEFAULT_OUT = "unet.onnx"
 

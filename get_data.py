@@ -28,9 +28,10 @@ import urllib.request
 
 import cv2
 
-from isbi_unet.errors import DataError, atomic_write, check_apart, run_main, warn
+from isbi_unet.errors import DataError, atomic_write, check_apart, warn
 from isbi_unet.flags import Parser
 from isbi_unet.images import find_pairs, list_images, read_gray, read_pair
+from isbi_unet.process import run_main
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("train/image", "train/label", "test")

@@ -13,10 +13,11 @@ if __name__ == "__main__":
 
 import os
 
-from isbi_unet.errors import check_apart, check_output_dir, run_main
+from isbi_unet.errors import check_apart, check_output_dir
 from isbi_unet.figures import plot_losses, read_log
 from isbi_unet.flags import Parser
 from isbi_unet.outputs import claim_file
+from isbi_unet.process import run_main
 
 
 def main(argv=None):

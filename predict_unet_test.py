@@ -31,13 +31,14 @@ import numpy as np
 import oneflow  # noqa: F401  imported under the start-up guard, before keyboard_interrupts() replaces its handler
 
 from isbi_unet.device import default_processes, select_device
-from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main, warn
+from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, warn
 from isbi_unet.flags import Parser
 from isbi_unet.formats import PREDICTIONS
 from isbi_unet.images import read_to_segment, write_png
 from isbi_unet.metrics import print_scores
 from isbi_unet.outputs import claim_folder, start_output
 from isbi_unet.predictor import Predictor, Spec, predict_all, threads_per_process, uses_every_core
+from isbi_unet.process import run_main
 from isbi_unet.record import write_json_record
 from isbi_unet.stacks import is_stack, write_stack
 from isbi_unet.tiling import check_tiling, write_isbi_tiff

@@ -26,7 +26,7 @@ import os
 
 import cv2
 
-from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main
+from isbi_unet.errors import DataError, check_apart, check_output_dir, make_output_dir
 from isbi_unet.figures import overlay, plt, save_figure  # figures selects matplotlib's headless backend
 from isbi_unet.flags import Parser
 from isbi_unet.formats import OVERLAYS, PREDICTIONS
@@ -39,6 +39,7 @@ from isbi_unet.outputs import (
     finish_output,
     start_output,
 )
+from isbi_unet.process import run_main
 from isbi_unet.stacks import is_stack
 
 
@@ -54,16 +55,19 @@ def parse_args(argv=None):
         help="the EM slices that were segmented (default: Test_Data_path in res_path/run.json)",
     )
     p.add_argument("--label_path", help="labels of those slices (255 = cell), to show and score against")
-    p.add_argument("--n", type=int, default=3, help="how many slices, first in natural order")
+    p.add_argument("--n", type=int, default=3, bounds=(1, 10**5), help="how many slices, first in natural order")
     p.add_argument("--overlay_dir", help="where overlays go (default: res_path/overlay)")
     p.add_argument("--figure", help="side-by-side figure PNG (default: res_path/figure.png)")
     p.add_argument(
         "--max_side",
         type=int,
         default=0,
+        bounds=(0, 2**16),
         help="shrink overlays to at most this many pixels a side (0: full size)",
     )
-    p.add_argument("--dpi", type=int, default=100, help="figure resolution: 100 gives 1200 pixels across")
+    p.add_argument(
+        "--dpi", type=int, default=100, bounds=(1, 1000), help="figure resolution: 100 gives 1200 pixels across"
+    )
     p.add_argument(
         "--palette", action="store_true", help="save the figure with 256 colours: less than half the bytes (docs/)"
     )
@@ -147,7 +151,6 @@ def check_outputs(args, overlay_dir, figure):
 def main(argv=None):
     keyboard_interrupts()
     args = parse_args(argv)
-    check_flags(args, positive=("n", "dpi"), non_negative=("max_side",))
     overlay_dir = args.overlay_dir or os.path.join(args.res_path, "overlay")
     figure = args.figure or os.path.join(args.res_path, "figure.png")
     check_finished(args.res_path, PREDICTIONS, "--res_path")
