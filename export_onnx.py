@@ -38,7 +38,7 @@ from isbi_unet.formats import POOL
 from isbi_unet.images import preprocess, read_slice, slice_names
 from isbi_unet.onnx_export import MIN_OPSET, convert, free_sizes
 from isbi_unet.outputs import claim_file
-from isbi_unet.process import run_main
+from isbi_unet.process import run_main, signals_held
 
 DEFAULT_OUT = "unet.onnx"
 
@@ -146,7 +146,8 @@ def max_difference(model, path, inputs):
 
 def export(args, model, state, image, path):
     """Converts, frees the sizes, adds the metadata and checks `path`; DataError when the check fails."""
-    convert(model, args.size, path, args.opset)
+    with signals_held():  # the converter's bare `except:` clauses would swallow a Ctrl-C (isbi_unet/process)
+        convert(model, args.size, path, args.opset)
     free_sizes(path, args.opset)
     add_metadata(path, state, args.size, args.checkpoint)
     diff = max_difference(model, path, check_inputs(image, args.size))
