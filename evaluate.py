@@ -9,10 +9,10 @@ and pixel error per slice and for the stack; given several prob_dirs, it scores 
 How the scores are computed: isbi_unet/metrics.py.
 """
 
-from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
+from isbi_unet.process import start_up
 
 if __name__ == "__main__":
-    guard_start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/interrupt.py)
+    start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/process)
 
 
 import os
@@ -76,7 +76,6 @@ def read_scored(prob_dirs, label_dir, name, label_name):
 
 
 def main(argv=None):
-    keyboard_interrupts()
     args = parse_args(argv)
     for prob_dir in args.prob_dir:  # maps of a prediction that was stopped are not a run's
         check_finished(os.path.dirname(os.path.abspath(prob_dir)), PREDICTIONS, "--prob_dir")
