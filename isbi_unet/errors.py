@@ -1,8 +1,8 @@
 """Bad input, reported the same way by every script: one `error: PATH: problem` line and exit code 2.
 
 Under the launcher only rank 0 prints (every rank reads the same input and fails the same way); the other
-ranks exit with the same code silently. `run_main` (isbi_unet/interrupt.py) turns a DataError into that line;
-the exit codes and the rank are isbi_unet/runtime.py's.
+ranks exit with the same code silently. `run_main` (isbi_unet.process) turns a DataError into that line; the
+exit codes and the rank are the process plumbing's too.
 """
 
 import contextlib

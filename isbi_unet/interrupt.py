@@ -18,7 +18,6 @@ import os
 import signal
 import threading
 
-from isbi_unet import watchdog
 from isbi_unet.runtime import (
     BAD_INPUT,
     INTERRUPTED,
@@ -32,6 +31,7 @@ from isbi_unet.runtime import (
     join_timeout,
     whoami,
 )
+from isbi_unet.watchdog import arm, armed, disarm, feed
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 NOT_SAVED = "no checkpoint was saved yet; the same command starts the run again"
@@ -219,9 +219,9 @@ class Session:
         """Call as each epoch begins (step 0) and after each step. Feeds the stall watchdog (armed at the first
         tick under the launcher), and raises Interrupted on every rank at the same step once any rank saw Ctrl-C
         or SIGTERM."""
-        if self.step_timeout and whoami().world > 1 and not watchdog.armed():
-            watchdog.arm(self.step_timeout, lambda: self.stop.resume_from)
-        watchdog.feed(epoch, step)
+        if self.step_timeout and whoami().world > 1 and not armed():
+            arm(self.step_timeout, lambda: self.stop.resume_from)
+        feed(epoch, step)
         if step == 0 and self.stop.position[1] > 0:  # a new epoch: the stop names the last step done, now saved
             self.stop.check()
         else:
@@ -249,4 +249,4 @@ def session(device="cpu", step_timeout=None):
         try:
             yield Session(stop, step_timeout)
         finally:
-            watchdog.disarm()
+            disarm()

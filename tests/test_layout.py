@@ -11,22 +11,22 @@ from conftest import REPO, write_dataset
 
 # What needs no OneFlow: tools/torch_reference.py runs these under PyTorch, and plot.py and evaluate.py start fast.
 CORE = [
-    "errors",
-    "flags",
-    "images",
-    "dataset",
-    "augment",
-    "tiling",
-    "metrics",
-    "figures",
-    "runtime",
-    "interrupt",
-    "watchdog",
-    "launch",
-    "outputs",
-    "predictor",
-    "bioimageio",
-    "onnx_backend",
+    "isbi_unet.errors",
+    "isbi_unet.flags",
+    "isbi_unet.images",
+    "isbi_unet.dataset",
+    "isbi_unet.augment",
+    "isbi_unet.tiling",
+    "isbi_unet.metrics",
+    "isbi_unet.figures",
+    "isbi_unet.runtime",
+    "isbi_unet.interrupt",
+    "isbi_unet.watchdog",
+    "isbi_unet.launch",
+    "isbi_unet.outputs",
+    "isbi_unet.predictor",
+    "isbi_unet.bioimageio",
+    "isbi_unet.onnx_backend",
 ]
 BLOCK_ONEFLOW = "import sys; sys.modules['oneflow'] = None"  # any `import oneflow` now raises ImportError
 
@@ -36,7 +36,7 @@ def python(code, *args):
 
 
 def test_the_core_imports_with_oneflow_unimportable():
-    code = f"{BLOCK_ONEFLOW}; import importlib; [importlib.import_module('isbi_unet.' + m) for m in sys.argv[1:]]"
+    code = f"{BLOCK_ONEFLOW}; import importlib; [importlib.import_module(m) for m in sys.argv[1:]]"
     proc = python(code, *CORE)
     assert proc.returncode == 0, proc.stderr
     # and the check is real: a OneFlow module fails under the same block

@@ -10,8 +10,8 @@
         ... s.tick(epoch, step) ...             # stop requests and the stall watchdog, every rank at one step
 
 Who this process is (`whoami`), the exit codes, joining the job under a deadline and the tie to the launcher
-are isbi_unet/runtime.py's; signals are installed only here (isbi_unet/interrupt.py); the stall watchdog is
-isbi_unet/watchdog.py; `python3 -m isbi_unet.launch` is OneFlow's launcher with Ctrl-C passed on.
+are its runtime module's; signals are installed only here (its interrupt module); the stall watchdog is its
+watchdog module; `python3 -m isbi_unet.launch` is OneFlow's launcher with Ctrl-C passed on.
 """
 
 from isbi_unet.interrupt import (
