@@ -98,6 +98,10 @@ def resumed_flags(flags, given, world_size=1, may_change=MAY_CHANGE):
     refused, naming both values; the flags in `may_change` take this command's values, and --epochs,
     when not given, the run's. Another number of processes is allowed with a warning, and recorded.
     """
+    if not os.path.exists(flags["resume"]):  # `last` of a run killed between its first two saves: `best` is there
+        other = continue_from(os.path.dirname(flags["resume"]) or ".")
+        hint = f"; continue with --resume {other}" if other else ""
+        raise DataError(f"{flags['resume']}: no such checkpoint{hint}")
     path = config_path(flags["resume"])
     record = read_config(path)
     if record is None:  # a checkpoint copied on its own

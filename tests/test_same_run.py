@@ -97,5 +97,7 @@ def test_a_kill_between_best_and_last_names_best_and_best_continues(data, tmp_pa
     shutil.rmtree(ckpt / "last")  # killed after writing best, before last, in epoch 1
     proc = train_script(f"{data}/train", ckpt, check=False)
     assert_fails(proc, "holds another run", f"--resume {ckpt / 'best'}")
+    with pytest.raises(DataError, match=f"last: no such checkpoint; continue with --resume {ckpt / 'best'}$"):
+        resume(ckpt)
     out = run("TrainUnetDataSet.py", "--resume", ckpt / "best", "--epochs", 2).stdout
     assert "epoch   2/2" in out and (ckpt / "last").is_dir()
