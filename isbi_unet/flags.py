@@ -95,12 +95,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 class Parser(argparse.ArgumentParser):
     def __init__(self, doc, **kwargs):
+        self.spellings = {}  # --lowercase_flag -> the flag as declared
         super().__init__(description=doc, formatter_class=HelpFormatter, **kwargs)
 
-    def add_argument(self, *names, bounds=None, **kwargs):
+    def add_argument(self, *names, bounds=None, group=None, **kwargs):
+        """argparse's, with `bounds` (see above) and `group` (an argument group of this parser to add it to)."""
         if bounds is not None:
             kwargs["type"] = Bounded(kwargs.get("type", float), bounds)
-        return super().add_argument(*names, **kwargs)
+        action = (group or super()).add_argument(*names, **kwargs)
+        self.spellings.update({option.lower(): option for option in action.option_strings})
+        return action
 
     def parse_known_args(self, args=None, namespace=None):
         argv = sys.argv[1:] if args is None else list(args)
@@ -113,8 +117,7 @@ class Parser(argparse.ArgumentParser):
             return arg
         flag, eq, value = arg.partition("=")
         snake = "--" + flag[2:].replace("-", "_")
-        declared = {option.lower(): option for option in self._option_string_actions}
-        return declared[snake.lower()] + eq + value if snake.lower() in declared else arg
+        return self.spellings[snake.lower()] + eq + value if snake.lower() in self.spellings else arg
 
     def error(self, message):
         fail(f"error: {message}; see --help", BAD_INPUT)
@@ -143,18 +146,18 @@ def parser_for(schema, doc):
     p = Parser(doc, argument_default=argparse.SUPPRESS)
     groups = {}
     for f in flag_fields(schema):
-        meta, target = f.metadata, p
+        meta, group = f.metadata, None
         if meta["group"]:
             if meta["group"] not in groups:
                 groups[meta["group"]] = p.add_argument_group(meta["group"])
-            target = groups[meta["group"]]
+            group = groups[meta["group"]]
         shown = "" if f.default is None or f.default is False else f" (default: {f.default})"
         help_text = meta["help"].replace("%", "%%") + shown
         if kind(f) is bool:
-            target.add_argument(f"--{f.name}", action="store_true", help=help_text)
+            p.add_argument(f"--{f.name}", action="store_true", help=help_text, group=group)
         else:
-            number = Bounded(kind(f), meta["bounds"]) if meta["bounds"] else kind(f)
-            target.add_argument(f"--{f.name}", type=number, choices=meta["choices"], help=help_text)
+            typed = dict(type=kind(f), bounds=meta["bounds"], choices=meta["choices"])
+            p.add_argument(f"--{f.name}", **typed, help=help_text, group=group)
     return p
 
 
