@@ -71,6 +71,7 @@ def resolve_args(args, cuda, world_size=1):
     refused before any heavy work."""
     flags, original, changed = {k: v for k, v in vars(args).items() if k != "given"}, None, None
     if flags["resume"]:
+        run_dir.check_resume_point(flags["resume"])
         original, flags, changed = run_dir.resumed_flags(flags, getattr(args, "given", ()), world_size)
     flags = apply_recipe(flags, cuda, world_size)
     if original:

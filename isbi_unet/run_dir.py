@@ -71,6 +71,15 @@ def not_a_runs(folder):
     return sorted(n for n in os.listdir(folder) if n.lstrip(".").split(".")[0] not in RUN_STEMS and n != "README.md")
 
 
+def check_resume_point(resume):
+    """A missing --resume checkpoint is one line naming the one that continues its run, if any: `best` of a run
+    killed between its first two saves."""
+    if not os.path.exists(resume):
+        other = continue_from(os.path.dirname(resume) or ".")
+        hint = f"; continue with --resume {other}" if other else ""
+        raise DataError(f"{resume}: no such checkpoint{hint}")
+
+
 def config_path(resume):
     """config.json of the run that wrote checkpoint `resume` (DIR/config.json for DIR/last)."""
     return os.path.join(os.path.dirname(resume) or ".", "config.json")
@@ -98,10 +107,6 @@ def resumed_flags(flags, given, world_size=1, may_change=MAY_CHANGE):
     refused, naming both values; the flags in `may_change` take this command's values, and --epochs,
     when not given, the run's. Another number of processes is allowed with a warning, and recorded.
     """
-    if not os.path.exists(flags["resume"]):  # `last` of a run killed between its first two saves: `best` is there
-        other = continue_from(os.path.dirname(flags["resume"]) or ".")
-        hint = f"; continue with --resume {other}" if other else ""
-        raise DataError(f"{flags['resume']}: no such checkpoint{hint}")
     path = config_path(flags["resume"])
     record = read_config(path)
     if record is None:  # a checkpoint copied on its own
