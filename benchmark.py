@@ -35,8 +35,8 @@ from isbi_unet.device import select_device  # OneFlow is imported only where a m
 from isbi_unet.errors import DataError, atomic_write, check_output_dir
 from isbi_unet.flags import Parser
 from isbi_unet.process import run_main
+from isbi_unet.process.runtime import whoami
 from isbi_unet.recipes import RECIPES
-from isbi_unet.runtime import whoami
 
 CPU = RECIPES["cpu"]
 SETTINGS = {

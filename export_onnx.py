@@ -16,10 +16,10 @@ code 2. The file appears only once checked (written to a temporary file beside i
 With --bioimageio the checked model also becomes a bioimage.io package (isbi_unet/bioimageio.py).
 """
 
-from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
+from isbi_unet.process.interrupt import guard_start_up, keyboard_interrupts
 
 if __name__ == "__main__":
-    guard_start_up()  # Ctrl-C inside `import oneflow`: one line, exit 130 (isbi_unet/interrupt.py)
+    guard_start_up()  # Ctrl-C inside `import oneflow`: one line, exit 130 (isbi_unet/process/interrupt.py)
 
 import json
 import os

@@ -11,10 +11,10 @@ It writes only folders it made: data/.get_data.json lists the files it put there
 train/label or test folder of anyone else's is never touched; then it changes nothing and says so.
 """
 
-from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
+from isbi_unet.process.interrupt import guard_start_up, keyboard_interrupts
 
 if __name__ == "__main__":
-    guard_start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/interrupt.py)
+    guard_start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/process/interrupt.py)
 
 
 import contextlib

@@ -19,10 +19,10 @@ run.json records the model, the settings, versions and code commit, and which fi
 later run into the same folder replaces them as a whole; a folder holding anything else is refused.
 """
 
-from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
+from isbi_unet.process.interrupt import guard_start_up, keyboard_interrupts
 
 if __name__ == "__main__":
-    guard_start_up()  # Ctrl-C inside `import oneflow`: one line, exit 130 (isbi_unet/interrupt.py)
+    guard_start_up()  # Ctrl-C inside `import oneflow`: one line, exit 130 (isbi_unet/process/interrupt.py)
 
 import os
 import time

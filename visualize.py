@@ -15,10 +15,10 @@ The pictures in docs/ come from one command, given a training run's checkpoint f
     bash tools/make_docs.sh checkpoints
 """
 
-from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
+from isbi_unet.process.interrupt import guard_start_up, keyboard_interrupts
 
 if __name__ == "__main__":
-    guard_start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/interrupt.py)
+    guard_start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/process/interrupt.py)
 
 
 import json

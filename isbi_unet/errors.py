@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 
-from isbi_unet.runtime import BadInput, whoami
+from isbi_unet.process.runtime import BadInput, whoami
 
 
 class DataError(BadInput):

@@ -27,7 +27,7 @@ import math
 import os
 import sys
 
-from isbi_unet.runtime import BAD_INPUT, fail
+from isbi_unet.process.runtime import BAD_INPUT, fail
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 

@@ -10,8 +10,8 @@ from typing import Optional
 from isbi_unet.errors import DataError
 from isbi_unet.flags import CORES, Above, may_change, out_of_bounds, setting, stored
 from isbi_unet.formats import LOSS_FUNCTIONS
+from isbi_unet.process.runtime import JOIN_TIMEOUT
 from isbi_unet.recipes import RECIPES
-from isbi_unet.runtime import JOIN_TIMEOUT
 
 LAUNCHER = "under the launcher"
 MAX_SECONDS = 1e7  # about 4 months: far beyond any step, below threading's TIMEOUT_MAX

@@ -15,12 +15,12 @@ import numpy as np
 import oneflow as flow
 from tqdm import tqdm
 
-from isbi_unet import runtime
 from isbi_unet.errors import DataError, atomic_write, cannot_write
 from isbi_unet.figures import log_rows
 from isbi_unet.formats import LOG_COLUMNS, METRICS, POOL
 from isbi_unet.images import evenly_spaced
 from isbi_unet.metrics import THRESHOLDS, pixel_error, score_curve
+from isbi_unet.process import runtime
 
 
 class NonFiniteLoss(ArithmeticError):

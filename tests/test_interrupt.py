@@ -18,7 +18,7 @@ from test_multinode import listening
 from test_resume import read_epochs, start_training, wait_for_epoch_line, weights
 
 from conftest import REPO, TINY, assert_fails, free_port, run, write_dataset
-from isbi_unet.interrupt import NOT_SAVED
+from isbi_unet.process.interrupt import NOT_SAVED
 
 INTERRUPTED = r"error: interrupted at epoch (\d+) step (\d+); continue with --resume (\S+)"
 
@@ -186,7 +186,7 @@ def stop_signals_script(body):
     """A process holding StopSignals at epoch 3 step 7 (no OneFlow needed), running BODY."""
     script = """
         import time
-        from isbi_unet.interrupt import StopSignals
+        from isbi_unet.process.interrupt import StopSignals
         with StopSignals(position=(3, 7)) as stop:
     """
     script = textwrap.dedent(script) + textwrap.indent(textwrap.dedent(body), " " * 4)
@@ -216,8 +216,8 @@ def test_a_second_signal_stops_at_once_but_lets_a_save_finish(saving):
 
 
 def test_one_signal_is_a_request_that_check_raises():
-    from isbi_unet.interrupt import StopSignals
     from isbi_unet.process import Interrupted
+    from isbi_unet.process.interrupt import StopSignals
 
     before = signal.getsignal(signal.SIGINT)
     with StopSignals(position=(2, 4)) as stop:

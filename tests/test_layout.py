@@ -19,9 +19,9 @@ CORE = [
     "isbi_unet.tiling",
     "isbi_unet.metrics",
     "isbi_unet.figures",
-    "isbi_unet.runtime",
-    "isbi_unet.interrupt",
-    "isbi_unet.watchdog",
+    "isbi_unet.process.runtime",
+    "isbi_unet.process.interrupt",
+    "isbi_unet.process.watchdog",
     "isbi_unet.launch",
     "isbi_unet.outputs",
     "isbi_unet.predictor",
@@ -169,8 +169,19 @@ def test_scripts_import_no_other_script_but_the_articles_classes():
 
 
 # Process life (who am I, exit codes, joining the job, signals, the stall watchdog, the launcher) behind one door.
-PLUMBING = ["isbi_unet.process", "isbi_unet.runtime", "isbi_unet.interrupt", "isbi_unet.watchdog", "isbi_unet.launch"]
-PLUMBING_FILES = ["isbi_unet/runtime.py", "isbi_unet/interrupt.py", "isbi_unet/watchdog.py", "isbi_unet/launch.py"]
+PLUMBING = [
+    "isbi_unet.process",
+    "isbi_unet.process.runtime",
+    "isbi_unet.process.interrupt",
+    "isbi_unet.process.watchdog",
+    "isbi_unet.launch",
+]
+PLUMBING_FILES = [
+    "isbi_unet/process/runtime.py",
+    "isbi_unet/process/interrupt.py",
+    "isbi_unet/process/watchdog.py",
+    "isbi_unet/process/launch.py",
+]
 
 
 def is_plumbing(module):

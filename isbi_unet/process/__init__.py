@@ -14,7 +14,7 @@ are its runtime module's; signals are installed only here (its interrupt module)
 watchdog module; `python3 -m isbi_unet.launch` is OneFlow's launcher with Ctrl-C passed on.
 """
 
-from isbi_unet.interrupt import (
+from isbi_unet.process.interrupt import (
     guard_start_up,
     keyboard_interrupts,
     run_main,
@@ -23,7 +23,7 @@ from isbi_unet.interrupt import (
     start_up,
     worker_signals,
 )
-from isbi_unet.runtime import BadInput, Interrupted, Terminated, whoami
+from isbi_unet.process.runtime import BadInput, Interrupted, Terminated, whoami
 
 __all__ = [
     "BadInput",

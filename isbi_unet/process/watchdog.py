@@ -15,7 +15,7 @@ import os
 import threading
 import time
 
-from isbi_unet.runtime import STALLED, exit_now, whoami
+from isbi_unet.process.runtime import STALLED, exit_now, whoami
 
 _watch = {"thread": None, "stop": None, "last": 0.0, "where": (0, 0)}
 

@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 
-from isbi_unet.runtime import (
+from isbi_unet.process.runtime import (
     BAD_INPUT,
     INTERRUPTED,
     TERMINATED,
@@ -31,7 +31,7 @@ from isbi_unet.runtime import (
     join_timeout,
     whoami,
 )
-from isbi_unet.watchdog import arm, armed, disarm, feed
+from isbi_unet.process.watchdog import arm, armed, disarm, feed
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 NOT_SAVED = "no checkpoint was saved yet; the same command starts the run again"
@@ -244,7 +244,7 @@ class Session:
 def session(device="cpu", step_timeout=None):
     """`with session(device, step_timeout) as s:` the training run's process life: Ctrl-C and SIGTERM stop it at
     the next s.tick() (a second one at once, but after a checkpoint being written), and under the launcher a
-    job in which no step begins for `step_timeout` s ends with exit 3 (isbi_unet/watchdog.py)."""
+    job in which no step begins for `step_timeout` s ends with exit 3 (isbi_unet/process/watchdog.py)."""
     with StopSignals(device) as stop:
         try:
             yield Session(stop, step_timeout)
