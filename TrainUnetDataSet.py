@@ -12,39 +12,37 @@
 Each epoch scores the held-out block (--val_slices) with the ISBI 2012 metrics. Writes to
 --checkpoint_dir: `best` (highest validation V_rand) and `last` checkpoints, `log.csv` (one row per epoch:
 losses, V_rand, V_info, pixel error; read by plot.py), `loss.png` and `config.json` (this run's resolved
-settings, versions and machine). A resumed run takes its settings from config.json; of its flags only
---epochs and how it runs (--device, --num_workers, timeouts) may change. Only rank 0 prints and writes.
+settings, versions and machine; isbi_unet/train_settings.py declares them). A resumed run takes its settings
+from config.json; of its flags only --epochs and how and where it runs may change. Only rank 0 prints and writes.
 """
 
-import argparse
+from isbi_unet.process import start_up
+
+if __name__ == "__main__":  # before `import oneflow`, which under the launcher waits for every process
+    start_up(join=True)  # Ctrl-C now is one line, exit 130; joins the job under --join_timeout (isbi_unet/process)
+
 import math
 import os
 import random
 import time
-from collections import namedtuple
 from types import SimpleNamespace
-
-from isbi_unet import runtime
-from isbi_unet.interrupt import StopSignals, guard_start_up
-
-if __name__ == "__main__":  # before `import oneflow`, which under the launcher waits for every process
-    guard_start_up()  # Ctrl-C before the training loop's own handler: one line, exit 130 (isbi_unet/interrupt.py)
-    runtime.join_job(runtime.flags().parse_known_args()[0].join_timeout)
 
 import numpy as np
 import oneflow as flow
 
 from dataloader import SelfDataSet
-from isbi_unet import run_dir, watchdog
+from isbi_unet import run_dir
 from isbi_unet.checkpoint import load_checkpoint, save_checkpoint, saved_note
 from isbi_unet.device import select_device
 from isbi_unet.engine import EagerEngine, GraphEngine
-from isbi_unet.errors import DataError, Interrupted, WriteError, run_main
+from isbi_unet.errors import DataError, WriteError
 from isbi_unet.figures import plot_losses, read_log
-from isbi_unet.flags import Parser
+from isbi_unet.flags import parse
 from isbi_unet.images import split_names, training_sources
-from isbi_unet.losses import LOSSES, SegmentationLoss
+from isbi_unet.losses import SegmentationLoss
+from isbi_unet.process import Interrupted, run_main, session, whoami
 from isbi_unet.recipes import RECIPES, apply_recipe
+from isbi_unet.train_settings import TrainSettings
 from isbi_unet.training import (
     NonFiniteLoss,
     append_log,
@@ -58,62 +56,31 @@ from isbi_unet.training import (
 )
 from unet import UNet
 
+__all__ = ["RECIPES", "main", "parse_args", "resolve_args"]
+
 
 def parse_args(argv=None):
-    """The flags, and `given`: the names of those on the command line (what a resumed run checks)."""
-    p = Parser(__doc__, parents=[runtime.flags()])  # --join_timeout, --step_timeout: also read before OneFlow starts
-    add = p.add_argument
-    add("--data_path", default="data/train", help="image/ and label/ folders, or train-volume.tif and train-labels.tif")
-    add("--recipe", choices=["auto", *RECIPES], default="auto", help="defaults of the next 6 flags; auto: full if CUDA")
-    add("--epochs", type=int, help="passes over the training slices (recipe default)")
-    add("--batch_size", type=int, help="images per step and process (recipe default: its total over the processes)")
-    add("--lr", type=float, help="Adam learning rate (recipe default)")
-    add("--width", type=int, help="U-Net channels at the first level, 64 in the paper (recipe default)")
-    add("--crop_size", type=int, help="train on random square crops of this side; 0 = whole slices (recipe default)")
-    add("--samples_per_slice", type=int, help="crops (or whole slices) per training slice and epoch (recipe default)")
-    add("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convolutions")
-    add("--loss", choices=LOSSES, default="bce_dice", help="bce (the article's), or BCE + soft Dice on membranes")
-    add("--elastic_sigma", type=float, default=10.0, help="elastic deformation's grid std in px (paper: 10); 0 = off")
-    add("--border_weight", type=float, default=0.0, help="w0 of the paper's border weight map (paper: 10); 0 = off")
-    add("--schedule", choices=["cosine", "constant"], default="cosine", help="lr: cosine decay to 0, or constant")
-    add("--graph", action="store_true", help="train and validate through nn.Graph (static graph), one process")
-    add("--amp", action="store_true", help="mixed precision; CUDA with --graph only")
-    add("--bn_slices", type=int, default=8, help="precise BN: set BatchNorm statistics from N whole slices; 0 = off")
-    add("--val_slices", type=int, default=5, help="hold out a block of N neighbouring slices; 0 = none, best = last")
-    add("--val_start", type=int, default=-1, help="first held-out slice (name order); -1 = last N, others: CV folds")
-    add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    add("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
-    add("--checkpoint_dir", help="checkpoints, log.csv, config.json (default: --resume's folder, else checkpoints)")
-    add("--resume", help="continue this checkpoint's run, with the settings in the config.json beside it")
-    add("--overwrite", action="store_true", help="train into a --checkpoint_dir that holds another run, replacing it")
-    add("--num_workers", type=int, default=0, help="DataLoader worker processes (data is in memory; 0 is fastest)")
-    args = p.parse_args(argv)
-    for action in p._actions:  # parsed again without defaults, only the flags given remain
-        action.default = argparse.SUPPRESS
-    return argparse.Namespace(**vars(args), given=frozenset(vars(p.parse_args(argv))))
+    """The flags (isbi_unet/train_settings.py), and `given`: the names of those on the command line."""
+    values, given = parse(TrainSettings, __doc__, argv)
+    return SimpleNamespace(**values, given=given)
 
 
 def resolve_args(args, cuda, world_size=1):
-    """The run's settings, resolved once and read-only from then on: a resumed run's own from its
-    config.json, recipe defaults filled, nonsense refused before any heavy work."""
+    """The run's TrainSettings, resolved once and read-only from then on: a resumed run's own from its
+    config.json (kept as `original`, with what this resume `changed`), recipe defaults filled, nonsense
+    refused before any heavy work."""
     flags, original, changed = {k: v for k, v in vars(args).items() if k != "given"}, None, None
     if flags["resume"]:
+        run_dir.check_resume_point(flags["resume"])
         original, flags, changed = run_dir.resumed_flags(flags, getattr(args, "given", ()), world_size)
     flags = apply_recipe(flags, cuda, world_size)
     if original:
         flags["recipe_reason"] = f"the resumed run's: {original.get('recipe_reason')}"
     checkpoint_dir, replace_run = run_dir.checkpoint_dir_for(
-        flags["checkpoint_dir"], flags["resume"], flags["data_path"], flags["overwrite"], runtime.whoami().rank == 0
+        flags["checkpoint_dir"], flags["resume"], flags["data_path"], flags["overwrite"], whoami().rank == 0
     )
-    settings = dict(flags, world_size=world_size, checkpoint_dir=checkpoint_dir, replace_run=replace_run)
-    settings.update(original=original, changed=changed)
-    return namedtuple("Settings", settings)(**settings)
-
-
-def run_args(s):
-    """The settings as a checkpoint and config.json record them, with the directory a relative --data_path
-    is relative to (a checkpoint copied on its own is resumed from anywhere)."""
-    return {**{k: v for k, v in s._asdict().items() if k not in ("original", "changed")}, "cwd": os.getcwd()}
+    flags.update(world_size=world_size, checkpoint_dir=checkpoint_dir, replace_run=replace_run)
+    return TrainSettings(**flags, original=original, changed=changed)
 
 
 def seed_all(seed):
@@ -133,7 +100,7 @@ def build_dataloaders(s, device):
         train_names,
         augment=True,
         crop_size=s.crop_size,
-        seed=s.seed + runtime.whoami().rank,
+        seed=s.seed + whoami().rank,
         elastic_sigma=s.elastic_sigma,
         border_weight=s.border_weight,
         samples_per_slice=s.samples_per_slice,
@@ -152,7 +119,7 @@ def build_engine(s, model, criterion, steps_per_epoch):
         scheduler = flow.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.epochs * steps_per_epoch)
     if s.graph:
         return GraphEngine(model, criterion, optimizer, scheduler, amp=s.amp)
-    return EagerEngine(model, criterion, optimizer, scheduler, distributed=runtime.whoami().world > 1)
+    return EagerEngine(model, criterion, optimizer, scheduler, distributed=whoami().world > 1)
 
 
 def load_weights(resume, model, device):
@@ -203,7 +170,7 @@ def save_epoch(s, engine, run, epoch, train_loss, scores, seconds, steps_per_epo
     row = log_row(epoch, train_loss, scores, lr, seconds)
     log_path = os.path.join(s.checkpoint_dir, "log.csv")
     append_log(log_path, row)
-    extra = dict(epoch=epoch, best_v_rand=run.best_v_rand, run_args=run_args(s), **engine.state_dict())
+    extra = dict(epoch=epoch, best_v_rand=run.best_v_rand, run_args=s.record(), **engine.state_dict())
     if best:
         save_checkpoint(os.path.join(s.checkpoint_dir, "best"), engine.model, **extra)
     run.last_saved = os.path.join(s.checkpoint_dir, "last")
@@ -228,15 +195,16 @@ def best_reason(s, run):
 def main(argv=None):
     """Trains and returns the model (every rank returns its replica)."""
     args = parse_args(argv)
-    device = select_device(args.device, runtime.whoami().local_rank)
-    with StopSignals(device) as stop, run_dir.held():  # run_dir.held: the run folder stays locked till the end
-        return train(args, device, stop)
+    device = select_device(args.device, whoami().local_rank)
+    # Ctrl-C, SIGTERM and a stalled job (isbi_unet/process); run_dir.held: the run folder stays locked till the end
+    with session(device, args.step_timeout) as process, run_dir.held():
+        return train(args, device, process)
 
 
-def train(args, device, stop):
+def train(args, device, process):
     """main() once the signals are ours; a failed write or a NaN stops naming what is left to resume from."""
-    s = resolve_args(args, device.type == "cuda", runtime.whoami().world)
-    master_process = runtime.whoami().rank == 0
+    s = resolve_args(args, device.type == "cuda", whoami().world)
+    master_process = whoami().rank == 0
     seed_all(s.seed)
 
     loader, val_set = build_dataloaders(s, device)
@@ -249,40 +217,37 @@ def train(args, device, stop):
         if master_process:
             print(f"note: {s.resume} already finished all {s.epochs} epochs; continue it with --epochs N above that")
         return model
-    stop.position, stop.resume_from = (run.start_epoch, 0), run.last_saved
-    if runtime.whoami().world > 1:  # a frozen peer would block the collectives forever
-        watchdog.arm(s.step_timeout, os.path.join(s.checkpoint_dir, "last"))
+    process.saved(run.last_saved)
     try:
         if master_process:
             run_dir.prepare_run_dir(s.checkpoint_dir, s.replace_run, run.start_epoch - 1)
             config = os.path.join(s.checkpoint_dir, "config.json")
-            run_dir.write_config(config, run_args(s), s.data_path, device, s.original, s.changed)
+            run_dir.write_config(config, s.record(), s.data_path, device, s.original, s.changed)
             describe_run(s, loader, val_set, device)
         for epoch in range(run.start_epoch, s.epochs + 1):
-            stop.check()  # a signal during start-up, or during the previous epoch's validation or save
+            process.tick(epoch, 0)  # a signal during start-up, or during the previous epoch's validation or save
             t0 = time.time()
-            train_loss = train_one_epoch(engine, loader, epoch, s.epochs, s.seed, device, stop)
+            train_loss = train_one_epoch(engine, loader, epoch, s.epochs, s.seed, device, process.tick)
             if s.bn_slices:
                 recompute_bn_stats(model, loader.dataset.images, s.bn_slices, s.batch_size, device)
             scores = evaluate(engine, val_set, criterion, device, epoch) if val_set else {}
             if master_process:
-                with stop.protected():  # a second Ctrl-C waits for the checkpoints to be written
+                with process.saving():  # a second Ctrl-C waits for the checkpoints to be written
                     run_dir.record_files(s.checkpoint_dir, saving=True)
                     save_epoch(s, engine, run, epoch, train_loss, scores, time.time() - t0, len(loader))
                     run_dir.record_files(s.checkpoint_dir)  # what a later run may replace: these bytes
-                    stop.resume_from = run.last_saved
-        if stop.requested():  # during the last epoch's validation or save, which were let finish
+            run.last_saved = os.path.join(s.checkpoint_dir, "last")  # every rank names it, rank 0 wrote it
+            process.saved(run.last_saved)
+        if process.stop_requested():  # during the last epoch's validation or save, which were let finish
             raise Interrupted(f"interrupted after the last epoch was saved; the run in {s.checkpoint_dir}/ is complete")
     except NonFiniteLoss as e:
         raise DataError(f"{e}; stopped, {saved_note(run.last_saved)}") from None
     except WriteError as e:
         raise WriteError(f"{e}; {saved_note(run.last_saved)}") from None
-    finally:
-        watchdog.disarm()
     if master_process:
         print(f"done: best checkpoint {os.path.join(s.checkpoint_dir, 'best')} ({best_reason(s, run)})")
     return model
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, session=True)

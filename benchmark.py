@@ -32,10 +32,11 @@ import sys
 import time
 
 from isbi_unet.device import select_device  # OneFlow is imported only where a measurement needs it
-from isbi_unet.errors import DataError, atomic_write, check_flags, check_output_dir, run_main
+from isbi_unet.errors import DataError, atomic_write, check_output_dir
 from isbi_unet.flags import Parser
+from isbi_unet.process import run_main
+from isbi_unet.process.runtime import whoami
 from isbi_unet.recipes import RECIPES
-from isbi_unet.runtime import whoami
 
 CPU = RECIPES["cpu"]
 SETTINGS = {
@@ -58,10 +59,15 @@ def parse_args(argv=None):
     p.add_argument(
         "--width",
         type=int,
+        bounds=(1, 1024),
         help="U-Net channels at the first level instead of the setting's (16 for cpu, 64 for article)",
     )
-    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (the median is reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (graph compilation happens here)")
+    p.add_argument(
+        "--steps", type=int, default=5, bounds=(1, 10**5), help="timed steps per measurement (the median is reported)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=2, bounds=(0, 10**5), help="untimed steps first (graph compilation happens here)"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="also time graph mode with mixed precision (CUDA only)")
     p.add_argument("--torch_python", help="a Python interpreter with PyTorch: time the same U-Net there too")
@@ -256,7 +262,6 @@ def main(argv=None):
         if mode == "onnx":
             return onnx_worker(setting, args.steps, args.warmup, args.width)
         return oneflow_worker(mode, setting, args.steps, args.warmup, args.device, args.width)
-    check_flags(args, positive=("steps", "width"), non_negative=("warmup",))
     if args.amp and not args.device.startswith("cuda"):
         raise DataError("--amp needs --device cuda")
     if args.torch_python and not os.path.exists(args.torch_python):

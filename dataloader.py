@@ -14,9 +14,9 @@ import numpy as np
 import oneflow as flow
 
 from isbi_unet.dataset import Slices
-from isbi_unet.errors import run_main
 from isbi_unet.flags import Parser
 from isbi_unet.images import training_sources
+from isbi_unet.process import run_main
 
 
 class SelfDataSet(Slices, flow.utils.data.Dataset):

@@ -9,22 +9,23 @@ and pixel error per slice and for the stack; given several prob_dirs, it scores 
 How the scores are computed: isbi_unet/metrics.py.
 """
 
-from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
+from isbi_unet.process import start_up
 
 if __name__ == "__main__":
-    guard_start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/interrupt.py)
+    start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/process)
 
 
 import os
 
 import numpy as np
 
-from isbi_unet.errors import DataError, run_main
+from isbi_unet.errors import DataError
 from isbi_unet.flags import Parser
 from isbi_unet.formats import PREDICTIONS
 from isbi_unet.images import list_images, natural_key, read_gray, read_label, slice_names
 from isbi_unet.metrics import print_scores
 from isbi_unet.outputs import check_finished
+from isbi_unet.process import run_main
 from isbi_unet.stacks import is_stack
 
 
@@ -75,7 +76,6 @@ def read_scored(prob_dirs, label_dir, name, label_name):
 
 
 def main(argv=None):
-    keyboard_interrupts()
     args = parse_args(argv)
     for prob_dir in args.prob_dir:  # maps of a prediction that was stopped are not a run's
         check_finished(os.path.dirname(os.path.abspath(prob_dir)), PREDICTIONS, "--prob_dir")

@@ -16,10 +16,10 @@ code 2. The file appears only once checked (written to a temporary file beside i
 With --bioimageio the checked model also becomes a bioimage.io package (isbi_unet/bioimageio.py).
 """
 
-from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
+from isbi_unet.process.interrupt import guard_start_up, keyboard_interrupts
 
 if __name__ == "__main__":
-    guard_start_up()  # Ctrl-C inside `import oneflow`: one line, exit 130 (isbi_unet/interrupt.py)
+    guard_start_up()  # Ctrl-C inside `import oneflow`: one line, exit 130 (isbi_unet/process/interrupt.py)
 
 import json
 import os
@@ -32,12 +32,13 @@ import oneflow as flow
 from isbi_unet import bioimageio as bio
 from isbi_unet import onnx_backend as ob
 from isbi_unet.checkpoint import load_model
-from isbi_unet.errors import DataError, atomic_write, check_apart, check_flags, check_output_dir, run_main
+from isbi_unet.errors import DataError, atomic_write, check_apart, check_flags, check_output_dir
 from isbi_unet.flags import Parser
 from isbi_unet.formats import POOL
 from isbi_unet.images import preprocess, read_slice, slice_names
 from isbi_unet.onnx_export import MIN_OPSET, convert, free_sizes
 from isbi_unet.outputs import claim_file
+from isbi_unet.process import run_main, signals_held
 
 DEFAULT_OUT = "unet.onnx"
 
@@ -177,7 +178,8 @@ def max_difference(model, path, inputs):
 
 def export(args, model, state, image, path):
     """Converts, frees the sizes, adds the metadata and checks `path`; DataError when the check fails."""
-    convert(model, args.size, path, args.opset)
+    with signals_held():  # the converter's bare `except:` clauses would swallow a Ctrl-C (isbi_unet/process)
+        convert(model, args.size, path, args.opset)
     free_sizes(path, args.opset)
     add_metadata(path, state, args.size, args.checkpoint)
     diff = max_difference(model, path, check_inputs(image, args.size))

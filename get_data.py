@@ -13,10 +13,10 @@ changed since) is never touched; then it changes nothing and says so. One get_da
 data folder (docs/details.md, "What a script may write").
 """
 
-from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
+from isbi_unet.process.interrupt import guard_start_up, keyboard_interrupts
 
 if __name__ == "__main__":
-    guard_start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/interrupt.py)
+    guard_start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/process/interrupt.py)
 
 
 import contextlib
@@ -29,10 +29,11 @@ import urllib.request
 
 import cv2
 
-from isbi_unet.errors import DataError, run_main, warn
+from isbi_unet.errors import DataError, warn
 from isbi_unet.flags import Parser
 from isbi_unet.images import find_pairs, list_images, read_gray, read_pair
 from isbi_unet.outputs import claim
+from isbi_unet.process import run_main
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("train/image", "train/label", "test")

@@ -5,22 +5,21 @@ has them, the validation metrics (V_rand, V_info, pixel error) in a second panel
     python3 plot.py --log checkpoints/log.csv --out loss.png
 """
 
-from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
+from isbi_unet.process import start_up
 
 if __name__ == "__main__":
-    guard_start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/interrupt.py)
-
+    start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/process)
 
 import os
 
-from isbi_unet.errors import check_apart, check_output_dir, run_main
+from isbi_unet.errors import check_apart, check_output_dir
 from isbi_unet.figures import plot_losses, read_log
 from isbi_unet.flags import Parser
 from isbi_unet.outputs import claim_file
+from isbi_unet.process import run_main
 
 
 def main(argv=None):
-    keyboard_interrupts()
     p = Parser(__doc__)
     p.add_argument("--log", default="checkpoints/log.csv", help="log.csv written by TrainUnetDataSet.py")
     p.add_argument("--out", help="PNG to write (default: loss.png beside the log)")

@@ -20,10 +20,10 @@ and digest: a later run into the same folder replaces those still as written, as
 anything else (a file changed since) is refused, and kept as it is (docs/details.md, "What a script may write").
 """
 
-from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
+from isbi_unet.process.interrupt import guard_start_up, keyboard_interrupts
 
 if __name__ == "__main__":
-    guard_start_up()  # Ctrl-C inside `import oneflow`: one line, exit 130 (isbi_unet/interrupt.py)
+    guard_start_up()  # Ctrl-C inside `import oneflow`: one line, exit 130 (isbi_unet/process/interrupt.py)
 
 import os
 import time
@@ -32,13 +32,14 @@ import numpy as np
 import oneflow  # noqa: F401  imported under the start-up guard, before keyboard_interrupts() replaces its handler
 
 from isbi_unet.device import default_processes, select_device
-from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, run_main, warn
+from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, warn
 from isbi_unet.flags import Parser
 from isbi_unet.formats import PREDICTIONS
 from isbi_unet.images import read_to_segment, write_png
 from isbi_unet.metrics import print_scores
 from isbi_unet.outputs import claim
 from isbi_unet.predictor import Predictor, Spec, predict_all, threads_per_process, uses_every_core
+from isbi_unet.process import run_main
 from isbi_unet.record import run_record
 from isbi_unet.stacks import is_stack, write_stack
 from isbi_unet.tiling import check_tiling, write_isbi_tiff

@@ -11,6 +11,7 @@ library uses; this file keeps the article's name for it.
 import oneflow as flow
 
 from isbi_unet.flags import Parser
+from isbi_unet.formats import POOL
 from isbi_unet.model import DoubleConv, Down, OutConv, UNet, Up, UpConv2x2
 
 __all__ = ["DoubleConv", "Down", "OutConv", "UNet", "Up", "UpConv2x2"]
@@ -18,9 +19,11 @@ __all__ = ["DoubleConv", "Down", "OutConv", "UNet", "Up", "UpConv2x2"]
 
 def main():
     parser = Parser(__doc__)
-    parser.add_argument("--width", type=int, default=64, help="channels of the first level (paper: 64)")
+    parser.add_argument(
+        "--width", type=int, default=64, bounds=(1, 1024), help="channels of the first level (paper: 64)"
+    )
     parser.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convs")
-    parser.add_argument("--size", type=int, default=512, help="side of the square test input")
+    parser.add_argument("--size", type=int, default=512, bounds=(POOL, 2**13), help="side of the square test input")
     args = parser.parse_args()
     net = UNet(1, 1, bilinear=args.bilinear, width=args.width)
     n_params = sum(p.numel() for p in net.parameters())

@@ -16,10 +16,10 @@ The pictures in docs/ come from one command, given a training run's checkpoint f
     bash tools/make_docs.sh checkpoints
 """
 
-from isbi_unet.interrupt import guard_start_up, keyboard_interrupts
+from isbi_unet.process.interrupt import guard_start_up, keyboard_interrupts
 
 if __name__ == "__main__":
-    guard_start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/interrupt.py)
+    guard_start_up()  # Ctrl-C from here on: one line, exit 130, nothing half-written (isbi_unet/process/interrupt.py)
 
 
 import json
@@ -27,13 +27,14 @@ import os
 
 import cv2
 
-from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, run_main
+from isbi_unet.errors import DataError, check_apart, check_output_dir
 from isbi_unet.figures import overlay, plt, save_figure  # figures selects matplotlib's headless backend
 from isbi_unet.flags import Parser
 from isbi_unet.formats import OVERLAYS, PREDICTIONS
 from isbi_unet.images import check_same_size, read_gray, read_label, read_slice, slice_names, write_png
 from isbi_unet.metrics import pixel_error
 from isbi_unet.outputs import check_finished, claim, claim_file
+from isbi_unet.process import run_main
 from isbi_unet.stacks import is_stack
 
 
@@ -49,16 +50,19 @@ def parse_args(argv=None):
         help="the EM slices that were segmented (default: Test_Data_path in res_path/run.json)",
     )
     p.add_argument("--label_path", help="labels of those slices (255 = cell), to show and score against")
-    p.add_argument("--n", type=int, default=3, help="how many slices, first in natural order")
+    p.add_argument("--n", type=int, default=3, bounds=(1, 10**5), help="how many slices, first in natural order")
     p.add_argument("--overlay_dir", help="where overlays go (default: res_path/overlay)")
     p.add_argument("--figure", help="side-by-side figure PNG (default: res_path/figure.png)")
     p.add_argument(
         "--max_side",
         type=int,
         default=0,
+        bounds=(0, 2**16),
         help="shrink overlays to at most this many pixels a side (0: full size)",
     )
-    p.add_argument("--dpi", type=int, default=100, help="figure resolution: 100 gives 1200 pixels across")
+    p.add_argument(
+        "--dpi", type=int, default=100, bounds=(1, 1000), help="figure resolution: 100 gives 1200 pixels across"
+    )
     p.add_argument(
         "--palette", action="store_true", help="save the figure with 256 colours: less than half the bytes (docs/)"
     )
@@ -142,7 +146,6 @@ def check_outputs(args, overlay_dir, figure):
 def main(argv=None):
     keyboard_interrupts()
     args = parse_args(argv)
-    check_flags(args, positive=("n", "dpi"), non_negative=("max_side",))
     overlay_dir = args.overlay_dir or os.path.join(args.res_path, "overlay")
     figure = args.figure or os.path.join(args.res_path, "figure.png")
     check_finished(args.res_path, PREDICTIONS, "--res_path")

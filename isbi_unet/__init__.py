@@ -8,11 +8,12 @@ Framework-free core (NumPy, OpenCV, matplotlib; no OneFlow import, so tools/ can
     tiling     overlap-tile inference, test-time augmentation, the ISBI submission TIFF
     metrics    V_rand, V_info and pixel error as the challenge scores them
     figures    loss curves and figure files
-    runtime    who this process is (rank, world, master), the exit codes, joining the job under a deadline
-    interrupt  Ctrl-C and SIGTERM: one line at start-up, a stop between steps while training
-    watchdog   ends a data-parallel job whose peers stopped stepping
-    launch     OneFlow's launcher, forwarding Ctrl-C and passing the ranks' exit code on
-    flags      every script's command line: one spelling declared, defaults in --help, one-line errors
+    process    process life behind one door (start_up, run_main, session, signals_held), importing nothing
+               else of the repo: runtime (who this process is, exit codes, joining the job under a deadline),
+               interrupt (Ctrl-C and SIGTERM), watchdog (a stalled job), launch (OneFlow's launcher, Ctrl-C
+               passed on)
+    flags      every script's command line: one spelling declared, defaults in --help, ranges, one-line errors;
+               and the settings schema (`setting`, `parser_for`, `parse`)
     outputs    who may write where: records of what a script wrote, --overwrite
     predictor  one model or an ensemble (checkpoints, ONNX files, bioimage.io packages) behind one call
     onnx_backend, bioimageio   ONNX Runtime inference; bioimage.io packages
@@ -25,5 +26,6 @@ OneFlow side:
     checkpoint kill-safe checkpoints that rebuild their own model
     record     versions, device, commit and command: what produced a result
     recipes    the cpu and full recipes, chosen by device
+    train_settings  TrainUnetDataSet.py's settings, declared once
     run_dir    a training run's folder: its config, log and checkpoints
 """

@@ -1,62 +1,25 @@
 """Bad input, reported the same way by every script: one `error: PATH: problem` line and exit code 2.
 
 Under the launcher only rank 0 prints (every rank reads the same input and fails the same way); the other
-ranks exit with the same code silently. An interrupted run (`Interrupted`) exits 130, as a shell reports
-Ctrl-C. The exit codes and the rank are isbi_unet/runtime.py's.
+ranks exit with the same code silently. `run_main` (isbi_unet.process) turns a DataError into that line; the
+exit codes and the rank are the process plumbing's too.
 """
 
 import contextlib
 import os
 import re
-import signal
 import sys
 import tempfile
 
-from isbi_unet.runtime import BAD_INPUT, INTERRUPTED, whoami
+from isbi_unet.process.runtime import BadInput, whoami
 
 
-class DataError(ValueError):
+class DataError(BadInput):
     """Bad input data, flags or checkpoints; the message names the path and what is wrong."""
 
 
 class WriteError(DataError):
     """An output file could not be written (disk full, no permission); the message names it and the reason."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM stopped the run; the message says where and how to continue."""
-
-
-def run_main(main):
-    """Calls main(); a DataError becomes one line on stderr and exit code 2, Interrupted exit code 130,
-    with no traceback. Only rank 0 prints."""
-    try:
-        main()
-    except DataError as e:
-        fail(f"error: {e}", BAD_INPUT)
-    except Interrupted as e:
-        fail(f"error: {e}", INTERRUPTED)
-    except KeyboardInterrupt:  # Ctrl-C in a script that has no step to finish
-        fail("error: interrupted", INTERRUPTED)
-    except OSError as e:  # a file system refusal no check foresaw (permissions, disk full): still one line
-        fail(f"error: {e.filename or 'a file'}: {e.strerror or e}", BAD_INPUT)
-    # Done: a Ctrl-C from now on changes nothing, and Python's shutdown restores SIGINT's default, under which
-    # it would end the finished process by signal (exit -2) instead of 0.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def fail(message, code):
-    """`message` on stderr (rank 0 only), then exit `code`."""
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)  # already stopping: a late Ctrl-C must not end in a traceback
-    me = whoami()
-    if me.rank == 0:
-        print(message, file=sys.stderr, flush=True)
-    if me.world > 1:
-        sys.stdout.flush()
-        # OneFlow's exit waits at a barrier for every rank (measured: forever when one rank fails alone).
-        os._exit(code)
-    sys.exit(code)
 
 
 def check_flags(args, positive=(), non_negative=()):

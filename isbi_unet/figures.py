@@ -22,30 +22,45 @@ MEMBRANE_BGR = (255, 0, 255)  # magenta: stands out on grey, and for red-green c
 ALPHA = 0.45
 
 
+PLOTTABLE = 1e100
+
+
 def number(text):
-    # Blank cells (a metric not computed that epoch) and inf (a diverged loss) are gaps in the curve, not errors.
+    # Blank cells (a metric not computed that epoch) and inf (a diverged loss) are gaps in the curve, not errors;
+    # so are numbers beyond PLOTTABLE, whose spread overflows matplotlib's tick arithmetic (1e308 and -1e308).
     try:
         value = float(text)
     except (TypeError, ValueError):
         return math.nan
-    return value if math.isfinite(value) else math.nan
+    return value if abs(value) <= PLOTTABLE else math.nan
+
+
+def log_rows(path):
+    """(header, rows as dicts) of log.csv `path`, as a spreadsheet may have saved it (a byte-order mark, CRLF);
+    a file that is not a training log is one DataError line."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = [row for row in reader if any((v or "").strip() for v in row.values())]
+            header = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error):
+        raise DataError(f"{path}: not a training log (not CSV text)") from None
+    if "epoch" not in header or "train_loss" not in header:
+        raise DataError(f"{path}: not a training log (expected epoch and train_loss columns)")
+    for i, row in enumerate(rows, 2):
+        if not (row["epoch"] or "").strip().isdigit():
+            raise DataError(f"{path}: line {i}: epoch {row['epoch']!r} is not a whole number")
+    return header, rows
 
 
 def read_log(path):
     """The log's epoch, loss and metric columns as lists of floats (NaN where a cell is blank)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such log (train first with TrainUnetDataSet.py)")
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (UnicodeDecodeError, csv.Error):
-        raise DataError(f"{path}: not a training log (not CSV text)") from None
-    if not rows or "epoch" not in rows[0] or "train_loss" not in rows[0]:
-        raise DataError(f"{path}: not a training log (expected epoch and train_loss columns with rows)")
-    columns = {k: [number(r[k]) for r in rows] for k in ("epoch", *LOSSES, *METRICS) if k in rows[0]}
-    if any(math.isnan(e) for e in columns["epoch"]):
-        raise DataError(f"{path}: an epoch cell is not a number")
-    return columns
+    _, rows = log_rows(path)
+    if not rows:
+        raise DataError(f"{path}: not a training log (no rows)")
+    return {k: [number(r[k]) for r in rows] for k in ("epoch", *LOSSES, *METRICS) if k in rows[0]}
 
 
 def has_values(columns, key):

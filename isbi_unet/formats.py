@@ -11,8 +11,10 @@ CHECKPOINT_FORMAT = "isbi-unet-oneflow/2"  # /1 models saw unstandardised input 
 PREDICTIONS = "run.json"  # predict_unet_test.py's record in --save_res_path
 OVERLAYS = "overlay.json"  # visualize.py's record in its overlay folder
 
+LOSS_FUNCTIONS = ("bce", "bce_dice")  # --loss: the article's BCE, or BCE + soft Dice on membranes
 LOSSES = {"train_loss": "train loss", "val_loss": "validation loss"}
 METRICS = {"v_rand": "V_rand", "v_info": "V_info", "pixel_error": "pixel error"}  # log.csv column: label
+LOG_COLUMNS = ("epoch", *LOSSES, *METRICS, "lr", "seconds")  # log.csv's header, as training writes it
 
 
 def round_up(n, m):

@@ -11,7 +11,7 @@ import oneflow as flow
 import oneflow.nn as nn
 import oneflow.nn.functional as F
 
-LOSSES = ("bce", "bce_dice")
+from isbi_unet.formats import LOSS_FUNCTIONS
 
 
 def soft_dice_loss(logits, label, eps=1.0):
@@ -25,8 +25,8 @@ def soft_dice_loss(logits, label, eps=1.0):
 class SegmentationLoss(nn.Module):
     def __init__(self, kind="bce"):
         super().__init__()
-        if kind not in LOSSES:
-            raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
+        if kind not in LOSS_FUNCTIONS:
+            raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSS_FUNCTIONS)}")
         self.kind = kind
 
     def forward(self, logits, label, weight=None):

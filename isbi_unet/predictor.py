@@ -14,13 +14,13 @@ without it.
 import functools
 import multiprocessing
 import os
-import signal
 from typing import NamedTuple, Optional
 
 from isbi_unet.errors import DataError
 from isbi_unet.formats import POOL
 from isbi_unet.images import preprocess
 from isbi_unet.onnx_backend import fixed_tile, is_onnx, load_onnx, onnx_forward
+from isbi_unet.process import worker_signals
 from isbi_unet.tiling import predict_tiled
 
 
@@ -177,15 +177,8 @@ def predict_all(predictor, images, workers=1):
         return
     spec = predictor.release()
     # spawn, not fork: OneFlow's runtime threads do not survive a fork.
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=ignore_ctrl_c) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=worker_signals) as pool:
         yield from pool.imap(functools.partial(predict_in_worker, spec), images)
-
-
-def ignore_ctrl_c():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent ends the pool
-    # ... with SIGTERM, which must end a worker even when the parent was started with it ignored (nohup, `&`
-    # in some shells): ignored, a worker blocked on a full result pipe keeps Pool.terminate waiting forever.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @functools.lru_cache(maxsize=1)

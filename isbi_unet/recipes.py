@@ -5,9 +5,7 @@ under 30 minutes on 2 cores. A recipe's batch_size is the total over all process
 takes its share. TrainUnetDataSet.py, benchmark.py and tools/torch_reference.py read them from here.
 """
 
-from types import SimpleNamespace
-
-from isbi_unet.errors import DataError, check_flags
+from isbi_unet.errors import DataError
 from isbi_unet.formats import POOL
 
 RECIPES = {
@@ -31,21 +29,15 @@ def recipe_values(name, world_size=1):
 
 
 def apply_recipe(flags, cuda, world_size=1):
-    """A copy of the flag dict `flags` with the recipe chosen, its values filling the flags left at None,
-    and nonsense refused (DataError naming the flag) before any heavy work."""
+    """A copy of the flag dict `flags` with the recipe chosen, its values filling the flags left at None, and
+    combinations that cannot work refused (DataError naming the flag) before any heavy work; each flag's own
+    range is isbi_unet/train_settings.py's."""
     recipe, reason = choose_recipe(flags["recipe"], cuda)
     values = recipe_values(recipe, world_size)
     flags = dict(flags, recipe=recipe, recipe_reason=reason)
     flags.update({key: value for key, value in values.items() if flags[key] is None})
-    check_flags(
-        SimpleNamespace(**flags),
-        positive=("epochs", "batch_size", "width", "samples_per_slice", "lr", "join_timeout", "step_timeout"),
-        non_negative=("bn_slices", "val_slices", "seed", "num_workers", "elastic_sigma", "border_weight"),
-    )
     if flags["crop_size"] < 0 or 0 < flags["crop_size"] < POOL:
         raise DataError(f"--crop_size must be 0 or at least {POOL} (four poolings), got {flags['crop_size']}")
-    if flags["val_start"] < -1:
-        raise DataError(f"--val_start must be -1 (the last block) or a slice index, got {flags['val_start']}")
     if flags["amp"] and not (cuda and flags["graph"]):
         raise DataError("--amp needs --graph on a CUDA device (OneFlow's eager CPU path has no float16 kernels)")
     if flags["graph"] and world_size > 1:

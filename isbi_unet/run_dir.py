@@ -22,12 +22,11 @@ from isbi_unet.errors import DataError, atomic_write, check_apart, check_output_
 from isbi_unet.images import list_images, training_sources
 from isbi_unet.outputs import file_digest, lock_folder, remove, still_written
 from isbi_unet.record import run_record
+from isbi_unet.train_settings import MAY_CHANGE, resume_rule
 from isbi_unet.training import truncate_log
 
 RUN_FILES = ("log.csv", "config.json", "best", "last")  # what makes a folder hold a run
 RUN_STEMS = {"log", "config", "best", "last", "loss"}  # what a run writes (with loss.png), temporaries included
-# Flags a resumed run may change: how long, where and how it runs. Every other flag is the run's own.
-MAY_CHANGE = frozenset("epochs device num_workers join_timeout step_timeout checkpoint_dir resume overwrite".split())
 
 
 CHECKPOINTS = ("best", "last")  # folders a save replaces as a whole
@@ -38,9 +37,10 @@ def checkpoint_dir_for(checkpoint_dir, resume, data_path, overwrite, master_proc
     """(folder, whether a run there is replaced): --checkpoint_dir, by default the folder of --resume.
 
     In a run (inside `held()`) rank 0 locks the folder (made if new) until the run ends, then, under the lock:
-    refused before any work
-    when it lies in the data, cannot be written, or holds another run without --overwrite, files of the user's
-    without --overwrite, or files of the user's where the run writes (changed since, or inside a checkpoint).
+    refused before any work when it lies in the data, cannot be written, or holds another run without
+    --overwrite, files of the user's without --overwrite, or files of the user's where the run writes (changed
+    since, or inside a checkpoint). A run that stopped before its first checkpoint holds nothing to continue:
+    the same command starts it again, replacing what it left.
     """
     if checkpoint_dir is None:
         checkpoint_dir = (os.path.dirname(resume) or ".") if resume else "checkpoints"
@@ -54,10 +54,11 @@ def checkpoint_dir_for(checkpoint_dir, resume, data_path, overwrite, master_proc
     replace_run = bool(found) and not continuing
     # Only rank 0 decides: it writes the folder, and another rank looking later could see this run's own files.
     if master_process and not overwrite:
-        if replace_run:
+        resume_point = continue_from(checkpoint_dir)
+        if replace_run and resume_point:
             raise DataError(
                 f"{checkpoint_dir}: --checkpoint_dir holds another run ({', '.join(found)}); continue it with "
-                f"--resume {os.path.join(checkpoint_dir, 'last')}, write elsewhere, or replace it with --overwrite"
+                f"--resume {resume_point}, write elsewhere, or replace it with --overwrite"
             )
         others = not_a_runs(folder)
         if others:
@@ -153,12 +154,30 @@ def digest_once(path):
     return DIGESTS[path][3]
 
 
+def continue_from(checkpoint_dir):
+    """The checkpoint a run in `checkpoint_dir` continues from: `last`, else `best` (a kill between the two saves
+    of its first epoch), else None (it stopped before its first checkpoint)."""
+    for name in ("last", "best"):
+        if os.path.isdir(os.path.join(checkpoint_dir, name)):
+            return os.path.join(checkpoint_dir, name)
+    return None
+
+
 def not_a_runs(folder):
     """Names in `folder` that no run writes (its files, their temporaries such as .best.tmp), but README.md,
     the repo's own note in checkpoints/."""
     if not os.path.isdir(folder):
         return []
     return sorted(n for n in os.listdir(folder) if n.lstrip(".").split(".")[0] not in RUN_STEMS and n != "README.md")
+
+
+def check_resume_point(resume):
+    """A missing --resume checkpoint is one line naming the one that continues its run, if any: `best` of a run
+    killed between its first two saves."""
+    if not os.path.exists(resume):
+        other = continue_from(os.path.dirname(resume) or ".")
+        hint = f"; continue with --resume {other}" if other else ""
+        raise DataError(f"{resume}: no such checkpoint{hint}")
 
 
 def config_path(resume):
@@ -201,6 +220,7 @@ def resumed_flags(flags, given, world_size=1, may_change=MAY_CHANGE):
             kept[key] = run[key]
         elif not same_setting(key, kept[key], run[key], record):
             raise DataError(f"--{key} {flags[key]} differs from the run's {run[key]} ({path}); {KEPT}")
+    check_same_data(kept["data_path"], record, path)
     if "epochs" not in given and "epochs" in run:
         kept["epochs"] = run["epochs"]
     changed = {k: [run[k], kept[k]] for k in flags if k in given and k in run and not same(k, run[k], kept[k])}
@@ -209,7 +229,7 @@ def resumed_flags(flags, given, world_size=1, may_change=MAY_CHANGE):
     return record, kept, changed
 
 
-KEPT = "a resumed run keeps its settings (only --epochs, --device, --num_workers and the timeouts may change)"
+KEPT = f"a resumed run keeps its settings ({resume_rule()})"
 
 
 def current_settings(record):
@@ -237,19 +257,48 @@ def same_setting(key, value, theirs, record):
     return data_fingerprint(value) == (record.get("data_sha256") or data_fingerprint(theirs))
 
 
-def data_fingerprint(data_path):
+def data_files(data_path):
+    """{file relative to `data_path`: SHA-256 of its bytes} for the training sources (folders or stacks)."""
+    files = {}
+    for source in training_sources(data_path):
+        paths = [source] if os.path.isfile(source) else [os.path.join(source, n) for n in list_images(source)]
+        for path in paths:
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, data_path)] = hashlib.sha256(f.read()).hexdigest()
+    return files
+
+
+def data_fingerprint(data_path, files=None):
     """SHA-256 over the training sources' slice names and bytes: the same data under another path matches."""
     digest = hashlib.sha256()
-    for source in training_sources(data_path):
-        if os.path.isfile(source):  # a stack
-            paths = [source]
-        else:
-            paths = [os.path.join(source, name) for name in list_images(source)]
-        for path in paths:
-            digest.update(os.path.basename(path).encode() + b"\0")
-            with open(path, "rb") as f:
-                digest.update(hashlib.sha256(f.read()).digest())
+    for name, sha in (files or data_files(data_path)).items():
+        digest.update(os.path.basename(name).encode() + b"\0" + bytes.fromhex(sha))
     return digest.hexdigest()
+
+
+def listed(names, most=3):
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_same_data(data_path, record, config):
+    """A resumed run trains on the bytes it began with: refused in one line naming what changed, when the
+    record (`config`) holds the data's fingerprint (a checkpoint copied on its own does not)."""
+    if not record.get("data_sha256"):
+        return
+    files = data_files(data_path)
+    if data_fingerprint(data_path, files) == record["data_sha256"]:
+        return
+    what = "its content"
+    if isinstance(record.get("data_files"), dict):
+        theirs = record["data_files"]
+        changed = [n for n in files if n in theirs and files[n] != theirs[n]]
+        added, gone = sorted(set(files) - set(theirs)), sorted(set(theirs) - set(files))
+        parts = [(changed, "changed"), (added, "added"), (gone, "removed")]
+        what = "; ".join(f"{listed(names)} {how}" for names, how in parts if names)
+    raise DataError(
+        f"{data_path}: the training data differ from what the run began with ({what}; {config} holds its "
+        "fingerprint); a resumed run trains on the same slices: restore them, or start a new run"
+    )
 
 
 def write_config(path, settings, data_path, device, original=None, changed=None):
@@ -257,7 +306,9 @@ def write_config(path, settings, data_path, device, original=None, changed=None)
     run the `original` record with this resume (its `changed` settings and run_record) appended to its
     "resumed" list."""
     if original is None:
-        record = {**settings, "data_sha256": data_fingerprint(data_path), **run_record(device)}
+        files = data_files(data_path)
+        record = {**settings, "data_sha256": data_fingerprint(data_path, files), "data_files": files}
+        record.update(run_record(device))
     else:
         record = dict(original)
         record["resumed"] = [*original.get("resumed", []), {"changed": changed or {}, **run_record(device)}]

@@ -15,11 +15,12 @@ import numpy as np
 import oneflow as flow
 from tqdm import tqdm
 
-from isbi_unet import runtime, watchdog
 from isbi_unet.errors import DataError, atomic_write, cannot_write
-from isbi_unet.formats import METRICS, POOL
+from isbi_unet.figures import log_rows
+from isbi_unet.formats import LOG_COLUMNS, METRICS, POOL
 from isbi_unet.images import evenly_spaced
 from isbi_unet.metrics import THRESHOLDS, pixel_error, score_curve
+from isbi_unet.process import runtime
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -82,10 +83,10 @@ def epoch_bar(epoch, epochs, images, enabled=True, world_size=1):
     )
 
 
-def train_one_epoch(engine, loader, epoch, epochs, seed, device, stop=None):
+def train_one_epoch(engine, loader, epoch, epochs, seed, device, tick=None):
     """One pass over this rank's share of the slices; returns the mean loss over all ranks.
 
-    stop: an interrupt.StopSignals, checked after every step (every rank stops at the same step).
+    tick(epoch, step): called after every step (the session's: a stop request or a stalled job ends the run there).
     """
     rank, _, world_size, _ = runtime.whoami()
     loader.sampler.set_epoch(epoch)
@@ -95,7 +96,6 @@ def train_one_epoch(engine, loader, epoch, epochs, seed, device, stop=None):
     loss_sum, count = 0.0, 0
     with epoch_bar(epoch, epochs, len(loader.sampler), rank == 0, world_size) as progress:
         for step, batch in enumerate(loader, 1):
-            watchdog.feed(epoch, step)  # a frozen peer ends the job after --step_timeout (watchdog.py)
             batch = [t.to(device) for t in batch]
             loss_value = engine.train_step(*batch).item()
             check_finite(loss_value, epoch, step, device)
@@ -103,8 +103,8 @@ def train_one_epoch(engine, loader, epoch, epochs, seed, device, stop=None):
             count += batch[0].shape[0]
             progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             progress.update(batch[0].shape[0])
-            if stop is not None:
-                stop.check(epoch, step)
+            if tick is not None:
+                tick(epoch, step)
     loss_sum, count = all_reduce_sum([loss_sum, count], device)
     return loss_sum / count
 
@@ -215,16 +215,22 @@ def append_log(path, row):
 
 
 def truncate_log(path, last_epoch):
-    """Drops log rows of epochs after `last_epoch` (all rows for 0): what a resumed run redoes."""
+    """Drops log rows of epochs after `last_epoch` (all rows for 0): what a resumed run redoes. A log saved by a
+    spreadsheet is rewritten as training writes it; one whose columns were changed is refused in one line."""
     if not os.path.exists(path):
         return
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= last_epoch]
+    header, rows = log_rows(path)
+    if tuple(header) != LOG_COLUMNS:
+        raise DataError(
+            f"{path}: its columns ({', '.join(header)}) are not the ones training writes ({', '.join(LOG_COLUMNS)}); "
+            "restore them, or move the log away to start a new one"
+        )
+    rows = [r for r in rows if int(r["epoch"]) <= last_epoch]
     if not rows:
         os.remove(path)
         return
     with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:  # one rename: a kill must not lose the log
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
 

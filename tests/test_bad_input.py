@@ -64,25 +64,41 @@ def test_mis_sized_label(data, tmp_path):
     [
         ("--epochs", 0),
         ("--batch_size", -1),
-        ("--crop_size", 8),
         ("--lr", 0),
+        ("--lr", "inf"),
+        ("--lr", "nan"),
         ("--width", 0),
         ("--val_slices", -1),
         ("--val_start", -2),
         ("--seed", -1),
+        ("--seed", 2**32),
+        ("--elastic_sigma", "inf"),
+        ("--border_weight", "nan"),
+        ("--num_workers", 10**4),
+        ("--step_timeout", "inf"),
+        ("--join_timeout", 0),
     ],
 )
-def test_nonsense_flags(data, tmp_path, flag, value):
+def test_nonsense_flags_are_refused_as_they_are_parsed(flag, value, capsys):
+    from TrainUnetDataSet import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args([flag, str(value)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: argument {flag}: must be "), err
+
+
+def test_a_crop_the_poolings_cannot_take_is_refused_before_any_work(data, tmp_path):
     from TrainUnetDataSet import parse_args, resolve_args
 
-    args = parse_args(["--data_path", f"{data}/train", "--checkpoint_dir", str(tmp_path / "ckpt"), flag, str(value)])
-    with pytest.raises(DataError, match=flag):
+    args = parse_args(["--data_path", f"{data}/train", "--checkpoint_dir", str(tmp_path / "ckpt"), "--crop_size", "8"])
+    with pytest.raises(DataError, match="--crop_size"):
         resolve_args(args, cuda=False)
     assert not (tmp_path / "ckpt").exists()
 
 
 def test_a_nonsense_flag_ends_the_process_with_one_line_and_nothing_written(data, tmp_path):
-    assert_fails(train(f"{data}/train", tmp_path / "ckpt", "--epochs", 0), "--epochs must be positive, got 0")
+    assert_fails(train(f"{data}/train", tmp_path / "ckpt", "--epochs", 0), "--epochs: must be an integer in 1..")
     assert not (tmp_path / "ckpt").exists()
 
 

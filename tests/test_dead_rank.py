@@ -1,7 +1,7 @@
 """Under the real launchers (two CPU ranks), a rank that dies ends the whole job, non-zero, with no rank
 left behind: killed mid-training, and killed at start-up while the other rank waits for it inside
 `import oneflow`. Under OneFlow's launcher started by another program (so not leading its process group)
-that rank was left waiting forever until isbi_unet/runtime.py tied each rank to its launcher's life."""
+that rank was left waiting forever until isbi_unet/process/runtime.py tied each rank to its launcher's life."""
 
 import os
 import signal

@@ -18,6 +18,7 @@ from test_multinode import listening
 from test_resume import read_epochs, start_training, wait_for_epoch_line, weights
 
 from conftest import REPO, TINY, assert_fails, free_port, run, write_dataset
+from isbi_unet.process.interrupt import NOT_SAVED
 
 INTERRUPTED = r"error: interrupted at epoch (\d+) step (\d+); continue with --resume (\S+)"
 
@@ -142,7 +143,7 @@ def test_a_bad_flag_under_the_launcher_is_one_line_and_exit_2(data, tmp_path):
     launch = ["-m", "isbi_unet.launch", "--nproc_per_node", 2, "--master_port", free_port()]
     flags = ["--data_path", f"{data}/train", "--checkpoint_dir", tmp_path / "ckpt", *TINY, "--epochs", 0]
     proc = run(*launch, "TrainUnetDataSet.py", *flags, check=False, timeout=120)
-    assert_fails(proc, "--epochs must be positive, got 0")
+    assert_fails(proc, "argument --epochs: must be an integer in 1..")
 
 
 NAN_ON_RANK_1 = """
@@ -151,7 +152,7 @@ sys.path.insert(0, {repo!r})
 import TrainUnetDataSet
 import oneflow as flow
 from isbi_unet import engine
-from isbi_unet.errors import run_main
+from isbi_unet.process import run_main
 
 steps = 0
 real_step = engine.EagerEngine.train_step
@@ -185,7 +186,7 @@ def stop_signals_script(body):
     """A process holding StopSignals at epoch 3 step 7 (no OneFlow needed), running BODY."""
     script = """
         import time
-        from isbi_unet.interrupt import StopSignals
+        from isbi_unet.process.interrupt import StopSignals
         with StopSignals(position=(3, 7)) as stop:
     """
     script = textwrap.dedent(script) + textwrap.indent(textwrap.dedent(body), " " * 4)
@@ -210,13 +211,13 @@ def test_a_second_signal_stops_at_once_but_lets_a_save_finish(saving):
     out, err = proc.communicate(timeout=30)
     elapsed = time.time() - start
     assert proc.returncode == 130 and elapsed < 10 and (elapsed > 1.2) == saving
-    assert err.decode().strip() == "error: interrupted at epoch 3 step 7 (stopped at once); no checkpoint was saved yet"
+    assert err.decode().strip() == "error: interrupted at epoch 3 step 7 (stopped at once); " + NOT_SAVED
     assert (b"saved" in out) == saving
 
 
 def test_one_signal_is_a_request_that_check_raises():
-    from isbi_unet.errors import Interrupted
-    from isbi_unet.interrupt import StopSignals
+    from isbi_unet.process import Interrupted
+    from isbi_unet.process.interrupt import StopSignals
 
     before = signal.getsignal(signal.SIGINT)
     with StopSignals(position=(2, 4)) as stop:
@@ -300,7 +301,7 @@ def test_ctrl_c_during_prediction_is_one_line_and_exit_130(trained_run, tmp_path
 def test_ctrl_c_during_the_last_validation_exits_130_with_the_run_complete(data, tmp_path, monkeypatch):
     import TrainUnetDataSet
     from isbi_unet.checkpoint import load_checkpoint
-    from isbi_unet.errors import Interrupted
+    from isbi_unet.process import Interrupted
 
     real = TrainUnetDataSet.evaluate
 

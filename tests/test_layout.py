@@ -11,22 +11,22 @@ from conftest import REPO, write_dataset
 
 # What needs no OneFlow: tools/torch_reference.py runs these under PyTorch, and plot.py and evaluate.py start fast.
 CORE = [
-    "errors",
-    "flags",
-    "images",
-    "dataset",
-    "augment",
-    "tiling",
-    "metrics",
-    "figures",
-    "runtime",
-    "interrupt",
-    "watchdog",
-    "launch",
-    "outputs",
-    "predictor",
-    "bioimageio",
-    "onnx_backend",
+    "isbi_unet.errors",
+    "isbi_unet.flags",
+    "isbi_unet.images",
+    "isbi_unet.dataset",
+    "isbi_unet.augment",
+    "isbi_unet.tiling",
+    "isbi_unet.metrics",
+    "isbi_unet.figures",
+    "isbi_unet.process.runtime",
+    "isbi_unet.process.interrupt",
+    "isbi_unet.process.watchdog",
+    "isbi_unet.launch",
+    "isbi_unet.outputs",
+    "isbi_unet.predictor",
+    "isbi_unet.bioimageio",
+    "isbi_unet.onnx_backend",
 ]
 BLOCK_ONEFLOW = "import sys; sys.modules['oneflow'] = None"  # any `import oneflow` now raises ImportError
 
@@ -36,7 +36,7 @@ def python(code, *args):
 
 
 def test_the_core_imports_with_oneflow_unimportable():
-    code = f"{BLOCK_ONEFLOW}; import importlib; [importlib.import_module('isbi_unet.' + m) for m in sys.argv[1:]]"
+    code = f"{BLOCK_ONEFLOW}; import importlib; [importlib.import_module(m) for m in sys.argv[1:]]"
     proc = python(code, *CORE)
     assert proc.returncode == 0, proc.stderr
     # and the check is real: a OneFlow module fails under the same block
@@ -100,14 +100,25 @@ def imports_of(path, package="isbi_unet"):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
-            if node.module == package:  # `from isbi_unet import runtime`
-                found |= {f"{package}.{a.name}" for a in node.names}
+            if node.module.startswith(package):  # `from isbi_unet import runtime`, `from isbi_unet.process import x`
+                found |= {f"{node.module}.{a.name}" for a in node.names}
     return found
 
 
+def package_modules():
+    """{module name: file} for every module of the package, sub-packages included."""
+    modules = {}
+    for folder, _, files in os.walk(os.path.join(REPO, "isbi_unet")):
+        package = os.path.relpath(folder, REPO).replace(os.sep, ".")
+        for name in files:
+            if name.endswith(".py"):
+                module = package if name == "__init__.py" else f"{package}.{name[:-3]}"
+                modules[module] = os.path.join(folder, name)
+    return modules
+
+
 def package_graph():
-    folder = os.path.join(REPO, "isbi_unet")
-    modules = {f"isbi_unet.{n[:-3]}": os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".py")}
+    modules = package_modules()
     return {m: sorted(imports_of(p) & set(modules)) for m, p in modules.items()}
 
 
@@ -155,3 +166,59 @@ def test_scripts_import_no_other_script_but_the_articles_classes():
         if other not in allowed and other != name
     ]
     assert offenders == []
+
+
+# Process life (who am I, exit codes, joining the job, signals, the stall watchdog, the launcher) behind one door.
+PLUMBING = [
+    "isbi_unet.process",
+    "isbi_unet.process.runtime",
+    "isbi_unet.process.interrupt",
+    "isbi_unet.process.watchdog",
+    "isbi_unet.launch",
+]
+PLUMBING_FILES = [
+    "isbi_unet/process/runtime.py",
+    "isbi_unet/process/interrupt.py",
+    "isbi_unet/process/watchdog.py",
+    "isbi_unet/process/launch.py",
+]
+
+
+def is_plumbing(module):
+    return module in PLUMBING or module.startswith("isbi_unet.process.")
+
+
+def test_the_process_plumbing_imports_nothing_else_of_the_repo():
+    graph = package_graph()
+    plumbing = [m for m in graph if is_plumbing(m)]
+    assert "isbi_unet.process" in plumbing and len(plumbing) >= 5
+    outside = {m: [n for n in graph[m] if not is_plumbing(n) and n != "isbi_unet"] for m in plumbing}
+    assert outside == {m: [] for m in plumbing}  # isbi_unet itself: its __init__.py, a docstring
+
+
+def test_signal_handlers_are_installed_in_the_plumbing_only():
+    pattern = re.compile(r"signal\.(signal|set_wakeup_fd|pthread_sigmask)\(")
+    offenders = []
+    for folder, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in (".git", ".venv", "tests")]
+        for name in files:
+            path = os.path.relpath(os.path.join(folder, name), REPO)
+            if name.endswith(".py") and path not in PLUMBING_FILES and not path.startswith("isbi_unet/process/"):
+                with open(os.path.join(REPO, path)) as f:
+                    offenders += [path] if pattern.search(f.read()) else []
+    assert offenders == []
+
+
+def test_no_code_runs_before_a_scripts_imports_but_one_guarded_line():
+    """At most one statement, under `if __name__ == "__main__":`, stands between a script's imports."""
+    import ast
+
+    for name in sorted(n for n in os.listdir(REPO) if n.endswith(".py")):
+        with open(os.path.join(REPO, name)) as f:
+            body = ast.parse(f.read()).body
+        last_import = max(
+            (i for i, node in enumerate(body) if isinstance(node, (ast.Import, ast.ImportFrom))), default=0
+        )
+        before = [node for node in body[:last_import] if not isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr))]
+        assert all(isinstance(node, ast.If) and len(node.body) == 1 for node in before), name
+        assert len(before) <= 1, name

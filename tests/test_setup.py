@@ -58,7 +58,7 @@ def test_activated_venv_imports_oneflow_in_a_clean_environment():
 
 def test_activate_alone_runs_oneflow_quietly_and_without_a_busy_core():
     # the README offers `source .venv/bin/activate` as well as `source setup.sh`: both must run alike
-    assert_fails(activated("python3 TrainUnetDataSet.py --epochs -1"), "--epochs must be positive")
+    assert_fails(activated("python3 TrainUnetDataSet.py --epochs -1"), "argument --epochs: must be an integer in 1..")
     env = "echo $GLOG_minloglevel $ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD"
     assert run_activated(env).split() == ["2", "0"]
     assert run_activated(env, GLOG_minloglevel="0", ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD="1").split() == ["0", "1"]

@@ -68,7 +68,9 @@ def test_missing_prediction_is_one_line_and_writes_nothing(predicted):
 
 def test_bad_flags_and_unknown_images(predicted, tmp_path):
     data, res = predicted
-    assert_fails(run("visualize.py", "--res_path", res, "--n", 0, check=False), "--n must be positive")
+    assert_fails(
+        run("visualize.py", "--res_path", res, "--n", 0, check=False), "argument --n: must be an integer in 1.."
+    )
     os.remove(res / "run.json")
     assert_fails(run("visualize.py", "--res_path", res, check=False), res / "run.json", "--image_path")
     cv2.imwrite(f"{data}/train/label/0.png", np.full((48, 48), 128, np.uint8))

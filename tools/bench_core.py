@@ -18,8 +18,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from isbi_unet.augment import border_weight_map, elastic_deform, intensity_jitter  # noqa: E402
-from isbi_unet.errors import DataError, run_main  # noqa: E402
+from isbi_unet.errors import DataError  # noqa: E402
 from isbi_unet.images import read_gray  # noqa: E402
+from isbi_unet.process import run_main  # noqa: E402
 from isbi_unet.tiling import predict_tiled  # noqa: E402
 
 

@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 from isbi_unet import dataset, images, metrics, tiling  # noqa: E402  (the framework-free core)
-from isbi_unet.errors import run_main  # noqa: E402
+from isbi_unet.process import run_main  # noqa: E402
 from isbi_unet.recipes import RECIPES  # noqa: E402
 from tools.torch_unet import torch_unet  # noqa: E402
 

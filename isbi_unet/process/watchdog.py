@@ -2,9 +2,10 @@
 
 A dead node ends the job within seconds (OneFlow aborts on the broken socket), but a frozen one still connected
 (SIGSTOP, a hung driver, a paused VM) leaves every other rank blocked in a collective. The training loop calls
-feed() as each step begins; after --step_timeout seconds without one, a thread prints
+feed() as each epoch begins and after each step (session's tick); after --step_timeout seconds without one, a
+thread prints
 
-    error: no progress for 1800 s since epoch 3 step 12 began (--step_timeout 1800): ...
+    error: no progress for 1800 s since epoch 3 step 12 ended (--step_timeout 1800): ...
 
 and exits 3 (the main thread is stuck inside OneFlow). The time between epochs (precise BN, validation,
 saving) counts as the epoch's last step. Checkpoints are kill-safe, so --resume continues from `last`.
@@ -14,13 +15,14 @@ import os
 import threading
 import time
 
-from isbi_unet.runtime import STALLED, exit_now, whoami
+from isbi_unet.process.runtime import STALLED, exit_now, whoami
 
 _watch = {"thread": None, "stop": None, "last": 0.0, "where": (0, 0)}
 
 
 def arm(timeout, resume_from):
-    """Starts watching; `resume_from` (the `last` checkpoint's path) goes into the line it prints."""
+    """Starts watching; `resume_from()` (the checkpoint a stopped run continues from, or None) goes into the line
+    it prints."""
     disarm()
     stop = threading.Event()
     _watch.update(stop=stop, last=time.monotonic(), where=(0, 0))
@@ -29,8 +31,12 @@ def arm(timeout, resume_from):
     thread.start()
 
 
+def armed():
+    return _watch["thread"] is not None
+
+
 def feed(epoch, step):
-    """A step begins; cheap enough for every step, and a no-op when not armed."""
+    """Training moved (an epoch began at step 0, or `step` ended); cheap enough for every step."""
     _watch["where"] = (epoch, step)
     _watch["last"] = time.monotonic()
 
@@ -46,10 +52,11 @@ def _watch_loop(timeout, resume_from, stop):
     while not stop.wait(min(1.0, timeout / 4)):
         if time.monotonic() - _watch["last"] > timeout:
             epoch, step = _watch["where"]
-            where = f"epoch {epoch} step {step} began" if epoch else "training started"
-            saved = f"continue with --resume {resume_from}"  # written by global rank 0 only
-            if whoami().rank == 0 and not os.path.exists(resume_from):
-                saved = "no epoch finished, so no checkpoint was saved"
+            where = f"epoch {epoch} step {step} ended" if step else f"epoch {epoch} began"
+            path = resume_from()
+            saved = f"continue with --resume {path}"  # written by global rank 0 only
+            if path is None or (whoami().rank == 0 and not os.path.exists(path)):
+                saved = "no epoch finished, so no checkpoint was saved; the same command starts the run again"
             message = (
                 f"no progress for {timeout:g} s since {where} (--step_timeout {timeout:g}): another process of "
                 f"this job stopped responding (a frozen or unreachable node?); stopped, {saved}"

@@ -12,7 +12,6 @@ OneFlow's launcher stops the others of a failed rank with os.killpg on its own p
 it leads its process group (tests/test_dead_rank.py).
 """
 
-import argparse
 import ctypes
 import math
 import os
@@ -26,8 +25,22 @@ from typing import NamedTuple, Tuple
 
 BAD_INPUT = 2  # flags, data or files refused; also a job whose processes did not all join
 STALLED = 3  # no training step began within --step_timeout seconds
-INTERRUPTED = 130  # Ctrl-C or SIGTERM, as a shell reports SIGINT
+INTERRUPTED = 130  # Ctrl-C, or SIGTERM to a training run, as a shell reports SIGINT
+TERMINATED = 143  # SIGTERM to any other script, as a shell reports it
 HINT = "check --master_addr, --nnodes, --node_rank and the firewall"
+JOIN_TIMEOUT = 600.0  # --join_timeout's default, read here before OneFlow starts
+
+
+class BadInput(ValueError):
+    """Refused input (flags, data, files): one line and exit 2. isbi_unet.errors.DataError is the kind raised."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a run; the message says where and how to continue. Exit 130."""
+
+
+class Terminated(Exception):
+    """SIGTERM stopped a script without a training loop, unwinding it (temporary files go). Exit 143."""
 
 
 class Process(NamedTuple):
@@ -60,26 +73,33 @@ def exit_now(message, code, every_rank=False):
     os._exit(code)
 
 
-def flags():
-    """The data-parallel flags, for a script's parser (`parents=[flags()]`) and for reading before OneFlow starts."""
-    p = argparse.ArgumentParser(add_help=False)
-    group = p.add_argument_group("under the launcher")
-    group.add_argument(
-        "--join_timeout",
-        "--join-timeout",
-        type=float,
-        default=600.0,
-        help="seconds for every process of every node to join before each exits 2 saying how many did",
-    )
-    group.add_argument(
-        "--step_timeout",
-        "--step-timeout",
-        type=float,
-        default=1800.0,
-        help="end the job (exit 3) when no training step has begun for this many seconds, as when a node froze; "
-        "must exceed a step plus an epoch's validation and saving",
-    )
-    return p
+def fail(message, code):
+    """`message` on stderr (rank 0 only), then exit `code`."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)  # already stopping: a late Ctrl-C must not end in a traceback
+    me = whoami()
+    if me.rank == 0:
+        print(message, file=sys.stderr, flush=True)
+    if me.world > 1:
+        sys.stdout.flush()
+        # OneFlow's exit waits at a barrier for every rank (measured: forever when one rank fails alone).
+        os._exit(code)
+    sys.exit(code)
+
+
+def join_timeout(argv=None):
+    """--join_timeout (or --join-timeout) from the command line, read before OneFlow starts; the script's own
+    parser declares and checks the flag (a value that is no number is left to it)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    value = JOIN_TIMEOUT
+    for i, arg in enumerate(argv):
+        name, eq, text = arg.partition("=")
+        if name in ("--join_timeout", "--join-timeout"):
+            try:
+                value = float(text if eq else argv[i + 1])
+            except (IndexError, ValueError):
+                pass
+    return value
 
 
 def join_job(timeout):
