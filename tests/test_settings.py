@@ -66,7 +66,8 @@ def test_the_record_is_the_settings_and_they_are_read_only():
     s = TrainSettings(epochs=2, batch_size=1, lr=1e-3, width=4, crop_size=32, samples_per_slice=1, original={"a": 1})
     record = s.record()
     assert "original" not in record and "changed" not in record
-    assert set(record) == {f.name for f in dataclasses.fields(TrainSettings)} - {"original", "changed"}
+    # and the directory a relative --data_path is relative to, for a checkpoint resumed from elsewhere
+    assert set(record) == {f.name for f in dataclasses.fields(TrainSettings)} - {"original", "changed"} | {"cwd"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.epochs = 3
 
