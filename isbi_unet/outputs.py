@@ -19,7 +19,8 @@ and a file it would write in the place of one of theirs is refused. A link insid
 written through, and sub-folders are checked against the inputs like the folder itself.
 
 The record is written before the outputs, marked unfinished and listing what the run will write, and marked
-finished after them: a run cut short leaves a folder that a rerun replaces (its unfinished files included)
+finished after them: a run cut short leaves a folder that a rerun replaces (its unfinished files included,
+and everything inside a folder output such as an OME-Zarr) or, when the script finds it the same run, continues
 and that readers (evaluate.py, visualize.py) refuse. Relative paths a record stores resolve against its
 `cwd`, the directory the run was started in.
 
@@ -205,6 +206,8 @@ def survey(folder, record):
 def is_earlier(path, rel, listed):
     if os.path.islink(path):
         return False  # a script writes no links
+    if being_written_under(rel, listed):  # inside a folder output (an OME-Zarr) a stopped run was writing
+        return True
     if rel not in listed:
         target = temporary_of(os.path.basename(rel))  # left by a run killed while writing that file
         rel = os.path.join(os.path.dirname(rel), target) if target else None
@@ -213,6 +216,12 @@ def is_earlier(path, rel, listed):
     if entry == "record":
         return True
     return (entry is None and unfinished) or still_written(path, entry)  # None: a stopped run was writing it
+
+
+def being_written_under(rel, listed):
+    """Whether a folder that `rel` lies in is an output an unfinished record lists as being written."""
+    parts = rel.split("/")
+    return any(listed.get("/".join(parts[:i])) == (None, True) for i in range(1, len(parts)))
 
 
 def describe(names, changed, limit=3):
@@ -254,10 +263,20 @@ class Output:
                 "choose a new or empty folder, or pass --overwrite to write beside them (they are kept)"
             )
 
-    def start(self, writes=(), **fields):
+    def earlier_record(self):
+        """The record of this script's earlier output in the folder (a dict), or None."""
+        return read_record(self.folder, self.record)
+
+    def start(self, writes=(), keep_stopped=False, **fields):
         """Before the first file is written: refuses to write in the place of a file of the user's, removes the
-        earlier output, and writes the record (unfinished) listing `writes` (relative paths) as being written."""
+        earlier output, and writes the record (unfinished) listing `writes` (relative paths) as being written.
+        With `keep_stopped` (the caller continues a stopped run it has checked is the same), the files the
+        stopped run was writing stay, to be written on."""
         earlier, users, dirs, changed = survey(self.folder, self.record)
+        if keep_stopped:
+            stopped = listed_files(self.folder, self.record)
+            keep = {rel for rel in earlier if stopped.get(rel) == (None, True) or being_written_under(rel, stopped)}
+            earlier, dirs = [rel for rel in earlier if rel not in keep], []
         for rel in [self.record, *writes]:
             rel = self.relative(rel)
             taken = [
@@ -318,10 +337,14 @@ class Output:
         self.fields.update(fields)
         for rel in [rel for rel, entry in self.files.items() if entry is None]:
             path = os.path.join(self.folder, rel)
+            del self.files[rel]
             if os.path.isfile(path) and not os.path.islink(path):
                 self.files[rel] = file_digest(path)
-            else:
-                del self.files[rel]
+            elif os.path.isdir(path) and not os.path.islink(path):  # a folder output (an OME-Zarr): each file
+                for sub, _, names in os.walk(path):
+                    for name in names:
+                        full = os.path.join(sub, name)
+                        self.files[os.path.relpath(full, self.folder)] = file_digest(full)
         self.write_record(finished=True)
         self.finished = True
 

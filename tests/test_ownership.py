@@ -256,3 +256,42 @@ def test_benchmark_never_writes_over_an_existing_json(tmp_path):
     proc = run("benchmark.py", "--modes", "eager", "--json", results, check=False)
     assert_fails(proc, results, "--json", "--overwrite")
     assert results.read_text() == '{"mine": 1}'
+
+
+def write_store(folder, chunks):
+    """A folder output as an OME-Zarr writer leaves it: files in sub-folders of one named folder."""
+    for rel, data in chunks.items():
+        path = folder / "prob.ome.zarr" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def test_a_folder_output_is_recorded_file_by_file_and_replaced_only_as_written(tmp_path):
+    folder = tmp_path / "out"
+    with claim(str(folder), "--out", "run.json") as out:
+        out.start(writes=["prob.ome.zarr"])
+        write_store(folder, {".zattrs": b"{}", "0/0.0": b"a", "0/0.1": b"b"})
+    files = json.loads((folder / "run.json").read_text())["files"]
+    assert sorted(files) == ["prob.ome.zarr/.zattrs", "prob.ome.zarr/0/0.0", "prob.ome.zarr/0/0.1"]
+    claim_folder(str(folder), "--out", "run.json")  # all its own: a rerun may replace it
+    (folder / "prob.ome.zarr" / "0" / "0.1").write_bytes(b"corrected by hand")
+    with pytest.raises(DataError, match=r"prob\.ome\.zarr/0/0\.1 \(changed since written\)"):
+        claim_folder(str(folder), "--out", "run.json")
+
+
+def test_a_stopped_folder_output_is_replaced_or_continued_as_the_script_decides(tmp_path):
+    folder = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), claim(str(folder), "--out", "run.json") as out:
+        out.start(writes=["prob.ome.zarr", "journal"], fingerprint="A")
+        write_store(folder, {"0/0.0": b"a"})
+        (folder / "journal").write_text("0\n")
+        raise KeyboardInterrupt  # stopped mid-run: the record stays unfinished
+    with claim(str(folder), "--out", "run.json") as out:
+        assert out.earlier_record()["fingerprint"] == "A" and out.earlier_record()["finished"] is False
+        out.start(writes=["prob.ome.zarr", "journal"], keep_stopped=True, fingerprint="A")
+        assert (folder / "prob.ome.zarr" / "0" / "0.0").read_bytes() == b"a"  # continued, not removed
+        assert (folder / "journal").read_text() == "0\n"
+    assert json.loads((folder / "run.json").read_text())["finished"] is True
+    with claim(str(folder), "--out", "run.json") as out:  # another run: the stopped one's files go as a whole
+        out.start(writes=["other"])
+        assert sorted(os.listdir(folder)) == ["run.json"]
