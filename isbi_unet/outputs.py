@@ -20,8 +20,8 @@ written through, and sub-folders are checked against the inputs like the folder 
 
 The record is written before the outputs, marked unfinished and listing what the run will write, and marked
 finished after them: a run cut short leaves a folder that a rerun replaces (its unfinished files included,
-and everything inside a folder output such as an OME-Zarr) or, when the script finds it the same run, continues
-and that readers (evaluate.py, visualize.py) refuse. Relative paths a record stores resolve against its
+and everything inside a folder output such as an OME-Zarr), or continues when the script finds it is the same
+run; readers (evaluate.py, visualize.py) refuse it. Relative paths a record stores resolve against its
 `cwd`, the directory the run was started in.
 
 A single-file output (a plot, a figure, an ONNX file, a package) is new, or a file of the same kind that
