@@ -72,11 +72,11 @@ def test_a_signal_inside_a_swallowing_block_is_honoured_when_it_returns(tmp_path
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from conftest import TINY, train_in_process, write_dataset
+    from conftest import train_script, write_dataset
 
     root = tmp_path_factory.mktemp("export")
     data = write_dataset(str(root / "data"))
-    train_in_process("--data_path", f"{data}/train", "--epochs", 1, "--checkpoint_dir", root / "ckpt", *TINY)
+    train_script(f"{data}/train", root / "ckpt")  # a process: --fast skips these tests here, before any work
     return root
 
 
