@@ -32,15 +32,16 @@ import oneflow as flow
 from isbi_unet import bioimageio as bio
 from isbi_unet import onnx_backend as ob
 from isbi_unet.checkpoint import load_model
-from isbi_unet.errors import DataError, atomic_write, check_apart, check_flags, check_output_dir
-from isbi_unet.flags import Parser
+from isbi_unet.errors import DataError, atomic_write, check_apart, check_output_dir
+from isbi_unet.flags import Above, Parser
 from isbi_unet.formats import POOL
 from isbi_unet.images import preprocess, read_slice, slice_names
-from isbi_unet.onnx_export import MIN_OPSET, convert, free_sizes
+from isbi_unet.onnx_export import MAX_OPSET, MIN_OPSET, convert, free_sizes
 from isbi_unet.outputs import claim_file
 from isbi_unet.process import run_main, signals_held
 
 DEFAULT_OUT = "unet.onnx"
+MAX_SIZE = 4096  # the check runs the model on one SIZE x SIZE slice: a width-64 one there takes about 8 GB
 
 
 def parse_args(argv=None):
@@ -70,7 +71,11 @@ def parse_args(argv=None):
         f"(default: .venv-torch/bin/python, made by `bash setup.sh --torch`, when there; '{bio.NO_TORCH}': ONNX only)",
     )
     p.add_argument(
-        "--size", type=int, default=512, help="side of the square input it is traced and checked at, a multiple of 16"
+        "--size",
+        type=int,
+        default=512,
+        bounds=(POOL, MAX_SIZE),
+        help="side of the square input it is traced and checked at, a multiple of 16",
     )
     p.add_argument(
         "--check_data",
@@ -79,9 +84,19 @@ def parse_args(argv=None):
         "(and is the package's test image and cover)",
     )
     p.add_argument(
-        "--tolerance", type=float, default=1e-4, help="largest allowed difference of probabilities in the check"
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        bounds=(Above(0), 1),
+        help="largest allowed difference of probabilities in the check",
     )
-    p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, {MIN_OPSET} (DepthToSpace) or more")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=MIN_OPSET,
+        bounds=(MIN_OPSET, MAX_OPSET),
+        help=f"ONNX opset: {MIN_OPSET} (DepthToSpace's CRD mode) up to {MAX_OPSET}, the newest onnx and ONNX Runtime know",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="replace an --out or --bioimageio file that this repo did not write"
     )
@@ -92,11 +107,8 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    check_flags(args, positive=("size", "tolerance"))
     if args.size % POOL:
         raise DataError(f"--size must be a multiple of {POOL} (four 2x2 poolings), got {args.size}")
-    if args.opset < MIN_OPSET:
-        raise DataError(f"--opset must be {MIN_OPSET} or more (DepthToSpace's CRD mode), got {args.opset}")
     if args.out is not None and not args.out.lower().endswith(".onnx"):
         raise DataError(f"{args.out}: name the ONNX file .onnx (predict_unet_test.py picks ONNX Runtime by it)")
     if args.bioimageio is not None and not ob.is_package(args.bioimageio):

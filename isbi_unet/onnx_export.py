@@ -18,6 +18,7 @@ from isbi_unet.errors import DataError
 from isbi_unet.onnx_backend import INSTALL
 
 MIN_OPSET = 11  # DepthToSpace's CRD mode, the up-convolutions' pixel shuffle
+MAX_OPSET = 21  # the newest opset onnx 1.16 defines and ONNX Runtime 1.19 runs: a higher one fails in the checker
 PIXEL_SHUFFLE = [0, 1, 4, 2, 5, 3]  # model.UpConv2x2's permute: (n, o, 2, 2, h, w) -> (n, o, h, 2, w, 2)
 FREE_DIMS = {0: "batch", 2: "height", 3: "width"}
 

@@ -202,7 +202,10 @@ def test_without_onnxruntime_onnx_input_says_how_to_install(exported, data, tmp_
     [
         (["--size", 50], "--size must be a multiple of 16"),
         (["--out", "unet.pt"], "name the ONNX file .onnx"),
-        (["--opset", 10], "--opset must be 11 or more"),
+        (["--opset", 10], "--opset: must be an integer in 11..21"),
+        (["--opset", 22], "--opset: must be an integer in 11..21"),  # a traceback after the conversion, once
+        (["--tolerance", "inf"], "--tolerance: must be a finite number in (0, 1]"),
+        (["--size", 160000], "--size: must be an integer in 16..4096"),
         (["--bioimageio", "unet.tar"], "name the bioimage.io package .zip"),
     ],
 )
