@@ -95,7 +95,7 @@ def parse_args(argv=None):
         type=int,
         default=MIN_OPSET,
         bounds=(MIN_OPSET, MAX_OPSET),
-        help=f"ONNX opset: {MIN_OPSET} (DepthToSpace's CRD mode) up to {MAX_OPSET}, the newest onnx and ONNX Runtime know",
+        help=f"ONNX opset, {MIN_OPSET} (DepthToSpace's CRD mode) to {MAX_OPSET} (the newest ONNX Runtime runs)",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="replace an --out or --bioimageio file that this repo did not write"
