@@ -1,0 +1,717 @@
+"""Blockwise prediction of slices and stacks of any size at bounded memory, the same answer however it is cut.
+
+    source = open_source("volume.tif")               # a TIFF stack (read page by page, window by window) or a folder
+    sinks = [PngSink(...), TiffSink(...)]            # written block by block as results arrive
+    run_blocks(source, blocks, spec, sinks, executor, journal)   # continues where a stopped run ended
+
+The engine reads each block's window (isbi_unet/blocks.py: the core grown by the halo) and standardises it with the
+whole slice's statistics here, in the parent, at most 2 x workers windows at once; an executor runs
+`forward_window(spec, window, core)` (in this process, in a pool of processes, or elsewhere); each result goes to
+every sink as it arrives, and only then is the block marked finished in the journal (an append-only file in the
+output folder, fsynced). A rerun with the same model, input and settings (the journal's fingerprint) skips the
+finished blocks; its result is identical, since every block is computed from the same window and statistics.
+
+Executors share three calls: `submit(fn, *args) -> future`, `done(futures) -> the finished ones` (waits for at
+least one) and `close()`. `LocalExecutor` runs in this process; `PoolExecutor` in worker processes that each load
+the model once, die with this process, and whose loss (killed, out of memory) redoes their blocks in a new pool.
+"""
+
+import concurrent.futures
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from concurrent.futures.process import BrokenProcessPool
+
+import cv2
+import numpy as np
+
+from isbi_unet.blocks import (
+    EXACT_STATS_PIXELS,
+    HALO,
+    Block,
+    block_side,
+    exact_stats,
+    padded_shape,
+    plan_blocks,
+    read_padded,
+    read_window,
+    standardise,
+    streaming_stats,
+    window_pixels,
+)
+from isbi_unet.errors import DataError, Interrupted, cannot_write, warn
+from isbi_unet.formats import POOL, PREDICTIONS
+from isbi_unet.images import CHANNELS, list_images, read_slice, used_bits, write_png
+from isbi_unet.outputs import read_record, start_output
+from isbi_unet.predictor import worker_predictor
+from isbi_unet.runtime import tie_to_launcher
+from isbi_unet.stacks import count_pages, is_stack
+
+JOURNAL = "blocks.journal"  # finished blocks of a stopped run, in the output folder
+POOL_RESTARTS = 2  # a pool that loses a worker is rebuilt this often before the run stops with one line
+PROGRESS_STEP = 0.1  # without a terminal: a line per tenth of the work
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+class FolderSource:
+    """A folder of image files, one slice each, read whole (PNG and friends cannot be read by window) and kept
+    for the two slices in flight; converted to 8-bit grey as images.read_gray does."""
+
+    def __init__(self, path):
+        self.path = path
+        self.names = list_images(path)
+        self.dtype = np.dtype(np.uint8)
+        self._shapes = {}
+
+    def slice(self, z):
+        return _read_whole(self.path, self.names[z])
+
+    def shape(self, z):
+        if z not in self._shapes:
+            self._shapes[z] = self.slice(z).shape
+        return self._shapes[z]
+
+    def read(self, z, ys, xs):
+        return self.slice(z)[ys, xs]
+
+    def stats(self, z):
+        image = self.slice(z)
+        if image.size <= EXACT_STATS_PIXELS:
+            return exact_stats(image)
+        return streaming_stats(lambda ys: image[ys], image.shape, image.dtype)
+
+    def describe(self, z):
+        return os.path.join(self.path, self.names[z])
+
+
+@functools.lru_cache(maxsize=2)
+def _read_whole(folder, name):
+    return read_slice(folder, name)
+
+
+class TiffSource:
+    """A multi-page TIFF read page by page: an uncompressed page through a memory map of its pixels (only the
+    window's rows are touched), another one decoded whole by tifffile (kept for the two pages in flight).
+    Colour pages are converted to grey window by window, 16-bit ones scaled with the page's bit count
+    (blocks.SliceStats); each conversion is said once per stack."""
+
+    def __init__(self, path):
+        import tifffile
+
+        self.path = path
+        count_pages(path)  # a truncated file or page table is one line before anything is read
+        try:
+            self.tiff = tifffile.TiffFile(path)
+            pages = [self.tiff.pages[i] for i in range(len(self.tiff.pages))]
+        except Exception as e:  # tifffile's own errors for a file it cannot parse
+            raise DataError(f"{path}: not a readable TIFF stack ({e})") from None
+        self.names = [str(i) for i in range(len(pages))]
+        self.pages = pages
+        self._check(pages)
+        self.dtype = np.dtype(pages[0].dtype)
+        self.warned = set()
+
+    def _check(self, pages):
+        for i, page in enumerate(pages):
+            if page.dtype not in (np.uint8, np.uint16):
+                raise DataError(f"{self.path} page {i}: unsupported pixel type {page.dtype}; expected 8- or 16-bit")
+            if page.shape[:2] != pages[0].shape[:2] or page.dtype != pages[0].dtype:
+                raise DataError(
+                    f"{self.path} page {i}: {page.shape[1]}x{page.shape[0]} {page.dtype} differs from page 0's "
+                    f"{pages[0].shape[1]}x{pages[0].shape[0]} {pages[0].dtype}; a stack's pages share one size"
+                )
+
+    def shape(self, z):
+        return tuple(self.pages[z].shape[:2])
+
+    def pixels(self, z):
+        """Page z's pixels as an array (a memory map where the page allows it)."""
+        return _page_pixels(self, z)
+
+    def read(self, z, ys, xs):
+        part = np.asarray(self.pixels(z)[ys, xs])
+        return self.grey(part)
+
+    def grey(self, part):
+        if part.ndim == 2:
+            return part
+        kind = CHANNELS.get(part.shape[2], f"{part.shape[2]}-channel")
+        self.say(f"{kind} image converted to grayscale")
+        if part.shape[2] == 3:
+            return cv2.cvtColor(part, cv2.COLOR_RGB2GRAY)  # TIFF stores RGB; OpenCV's reader gave BGR, converted
+        if part.shape[2] == 4:
+            return cv2.cvtColor(part, cv2.COLOR_RGBA2GRAY)
+        return np.ascontiguousarray(part[:, :, 0])
+
+    def say(self, message):
+        if message not in self.warned:
+            self.warned.add(message)
+            warn(f"{self.path}: {message}")
+
+    def stats(self, z):
+        h, w = self.shape(z)
+        if h * w <= EXACT_STATS_PIXELS:
+            stats = exact_stats(self.read(z, slice(0, h), slice(0, w)))
+        else:
+            stats = streaming_stats(lambda ys: self.read(z, ys, slice(0, w)), (h, w), self.dtype)
+        if self.dtype == np.uint16:
+            self.say(f"16-bit image scaled to 8-bit{used_bits(stats.bits)}")
+        return stats
+
+    def describe(self, z):
+        return f"{self.path} page {z}"
+
+
+@functools.lru_cache(maxsize=2)
+def _page_pixels(source, z):
+    page = source.pages[z]
+    if page.is_memmappable:
+        return np.memmap(source.path, page.dtype, "r", page.dataoffsets[0], page.shape)
+    return page.asarray()
+
+
+SOURCES = []  # (accepts(path) -> bool, class): other kinds of input register here, checked before TIFF/folder
+
+
+def open_source(path):
+    """The Source for `path`: a registered kind, a TIFF stack, or a folder of images."""
+    for accepts, kind in SOURCES:
+        if accepts(path):
+            return kind(path)
+    return TiffSource(path) if is_stack(path) else FolderSource(path)
+
+
+def read_block_window(source, block, stats, halo=HALO):
+    """Block's window, read from `source` and standardised with its slice's `stats`: float32 1xhxw, and the
+    core's (cy, cx, h, w) inside it."""
+    shape = source.shape(block.z)
+    window, (cy, cx) = read_window(block, shape, halo)
+    pixels = read_padded(lambda ys, xs: source.read(block.z, ys, xs), window, shape)
+    return standardise(pixels, stats), (cy, cx, block.y1 - block.y0, block.x1 - block.x0)
+
+
+# ---------------------------------------------------------------------------------------------------- sinks
+
+
+def to_prob_8(prob):
+    return np.round(prob * 255).astype(np.uint8)
+
+
+def to_mask(prob, threshold):
+    return np.where(prob >= threshold, 255, 0).astype(np.uint8)
+
+
+class PngSink:
+    """NAME.png (mask) and prob/NAME.png per slice, each written once its slice is complete (kept until then as
+    two uint8 maps); the journal then marks the slice's blocks finished together (per_slice)."""
+
+    per_slice = True
+
+    def __init__(self, folder, out_names, shapes, threshold):
+        self.folder, self.out_names, self.shapes, self.threshold = folder, out_names, shapes, threshold
+        self.open = {}  # z -> (prob uint8, mask uint8)
+
+    def write(self, block, prob):
+        if block.z not in self.open:
+            self.open[block.z] = tuple(np.zeros(self.shapes[block.z], np.uint8) for _ in range(2))
+        prob8, mask = self.open[block.z]
+        prob8[block.y0 : block.y1, block.x0 : block.x1] = to_prob_8(prob)
+        mask[block.y0 : block.y1, block.x0 : block.x1] = to_mask(prob, self.threshold)
+
+    def end_slice(self, z):
+        prob8, mask = self.open.pop(z)
+        write_png(os.path.join(self.folder, "prob", self.out_names[z]), prob8)
+        write_png(os.path.join(self.folder, self.out_names[z]), mask)
+
+    def close(self):
+        self.open.clear()
+
+
+class TiffSink:
+    """A Z x H x W TIFF stack written block by block, row by row at its pages' offsets (uncompressed, contiguous,
+    BigTIFF beyond 4 GB). The file is made at full size on disk first (a full disk fails then, not mid-run), so a
+    write never allocates; each block is fsynced before the journal counts it. Rewriting a block writes the same
+    bytes. `convert(prob) -> array of dtype` maps probabilities to the stored values."""
+
+    per_slice = False
+
+    def __init__(self, path, shape_zhw, dtype, convert, resume=False):
+        self.path, self.dtype, self.convert = path, np.dtype(dtype), convert
+        if not (resume and os.path.isfile(path)):
+            create_tiff(path, shape_zhw, self.dtype)
+        self.offsets = page_offsets(path)
+        self.width = shape_zhw[2]
+        try:
+            self.fd = os.open(path, os.O_WRONLY)
+        except OSError as e:
+            raise cannot_write(path, e) from None
+
+    def write(self, block, prob):
+        data = np.ascontiguousarray(self.convert(prob), self.dtype)
+        size = self.dtype.itemsize
+        try:
+            for i, row in enumerate(data):
+                offset = self.offsets[block.z] + ((block.y0 + i) * self.width + block.x0) * size
+                os.pwrite(self.fd, row.tobytes(), offset)
+            os.fsync(self.fd)
+        except OSError as e:
+            raise cannot_write(self.path, e) from None
+
+    def end_slice(self, z):
+        pass
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+BIGTIFF_FROM = 2**32 - 2**25  # classic TIFF offsets are 32-bit: beyond about 4 GB, BigTIFF
+
+
+def create_tiff(path, shape_zhw, dtype):
+    """An uncompressed TIFF stack of zeros at `path`, its pixel bytes allocated on disk (posix_fallocate)."""
+    import tifffile
+
+    big = int(np.prod(shape_zhw)) * dtype.itemsize > BIGTIFF_FROM
+    try:
+        image = tifffile.memmap(path, shape=tuple(shape_zhw), dtype=dtype, bigtiff=big, photometric="minisblack")
+        del image
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    except OSError as e:
+        raise cannot_write(path, e) from None
+
+
+def page_offsets(path):
+    import tifffile
+
+    with tifffile.TiffFile(path) as tiff:
+        return [page.dataoffsets[0] for page in tiff.pages]
+
+
+class ArraySink:
+    """Keeps every slice's float32 probabilities in memory (for --label_path scores, which need them whole)."""
+
+    per_slice = False
+
+    def __init__(self, shapes):
+        self.shapes, self.probs = shapes, {}
+
+    def write(self, block, prob):
+        if block.z not in self.probs:
+            self.probs[block.z] = np.zeros(self.shapes[block.z], np.float32)
+        self.probs[block.z][block.y0 : block.y1, block.x0 : block.x1] = prob
+
+    def end_slice(self, z):
+        pass
+
+    def close(self):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------- journal
+
+
+class Journal:
+    """Finished blocks, one line each after a first line holding the run's fingerprint; appended and fsynced, so
+    a block is listed only once every sink holds it. A torn last line (a kill mid-write) is ignored."""
+
+    def __init__(self, path, fingerprint):
+        self.path, self.fingerprint = path, fingerprint
+        self.finished = set()
+        if os.path.isfile(path):
+            self.finished = self.read()
+        if not self.finished:
+            self.append([json.dumps(fingerprint, sort_keys=True)], mode="w")
+
+    def read(self):
+        with open(self.path) as f:
+            lines = f.read().split("\n")
+        if not lines or lines[0] != json.dumps(self.fingerprint, sort_keys=True):
+            return set()
+        return {Block(*map(int, line.split())) for line in lines[1:-1] if len(line.split()) == 5}
+
+    def append(self, lines, mode="a"):
+        try:
+            with open(self.path, mode) as f:
+                f.write("".join(f"{line}\n" for line in lines))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise cannot_write(self.path, e) from None
+
+    def add(self, blocks):
+        self.append([" ".join(map(str, b)) for b in blocks])
+        self.finished.update(blocks)
+
+
+def file_digest(path):
+    """sha256 of a file, or of a folder's files (names and contents): what the model is."""
+    digest = hashlib.sha256()
+    paths = [path] if os.path.isfile(path) else sorted(os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns)
+    for p in paths:
+        digest.update(os.path.relpath(p, path).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def input_identity(source):
+    """What the input is, cheaply (an input may be terabytes): each file's path, size and modification time."""
+    root = os.path.abspath(source.path)
+    files = [root] if os.path.isfile(root) else [os.path.join(root, n) for n in source.names]
+    return [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+
+
+# ---------------------------------------------------------------------------------------------------- executors
+
+
+def forward_window(spec, window, core):
+    """The probabilities of a block's core: this process's predictor (loaded once) on the standardised window."""
+    cy, cx, h, w = core
+    return worker_predictor(spec).window(window)[cy : cy + h, cx : cx + w]
+
+
+class LocalExecutor:
+    """Runs each block in this process, at submit time."""
+
+    workers = 1
+
+    def submit(self, fn, *args):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+    def done(self, futures):
+        return list(futures)
+
+    def close(self):
+        pass
+
+
+def init_worker():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ... with SIGTERM, even when the parent was started ignoring it
+    tie_to_launcher()  # PR_SET_PDEATHSIG: a worker never outlives the run, even a SIGKILLed one
+
+
+class PoolExecutor:
+    """`workers` processes (spawn: OneFlow's threads do not survive a fork), each loading the model once."""
+
+    def __init__(self, workers):
+        self.workers = workers
+        self.pool = self.start()
+
+    def start(self):
+        context = multiprocessing.get_context("spawn")
+        return concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context, initializer=init_worker)
+
+    def submit(self, fn, *args):
+        return self.pool.submit(fn, *args)
+
+    def done(self, futures):
+        return concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED).done
+
+    def restart(self):
+        self.close()
+        self.pool = self.start()
+
+    def close(self):
+        """Stops every worker now (a stopped run does not wait for their blocks)."""
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())
+        for p in processes:
+            if p.is_alive():
+                p.terminate()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def make_executor(workers):
+    return LocalExecutor() if workers == 1 else PoolExecutor(workers)
+
+
+# ---------------------------------------------------------------------------------------------------- the engine
+
+
+class Progress:
+    """A tqdm bar (rate, ETA) on a terminal; else a line per tenth of the pixels (logs, CI)."""
+
+    def __init__(self, total, done=0, stream=sys.stderr):
+        self.total, self.done, self.stream, self.start = total, done, stream, time.time()
+        self.bar, self.next_line = None, (int(done / total / PROGRESS_STEP) + 1) * PROGRESS_STEP if total else 2.0
+        self.first = done
+        if stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=round(total / 1e6, 1), initial=round(done / 1e6, 1), unit="Mpx", file=stream)
+
+    def update(self, pixels):
+        self.done += pixels
+        if self.bar is not None:
+            self.bar.update(round(pixels / 1e6, 3))
+            return
+        fraction = self.done / self.total
+        if fraction + 1e-9 >= self.next_line:
+            seconds = time.time() - self.start
+            rate = (self.done - self.first) / max(seconds, 1e-9)
+            left = (self.total - self.done) / rate if rate else 0
+            print(
+                f"predicted {fraction:.0%} ({self.done / 1e6:.1f} of {self.total / 1e6:.1f} Mpx, "
+                f"{rate / 1e6:.2f} Mpx/s, {left:.0f} s left)",
+                file=self.stream,
+                flush=True,
+            )
+            while self.next_line <= fraction + 1e-9:
+                self.next_line += PROGRESS_STEP
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plan_volume(source, side):
+    """Every block of every slice, slice by slice."""
+    return [b._replace(z=z) for z in range(len(source.names)) for b in plan_blocks(source.shape(z), side)]
+
+
+def block_pixels(block):
+    return (block.y1 - block.y0) * (block.x1 - block.x0)
+
+
+def sigterm_stops():
+    """SIGTERM stops the run as Ctrl-C does (the workers are stopped on the way out); returns the old handler."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+class Engine:
+    """Runs `blocks` (not yet in `journal`) of `source` through `executor` into `sinks`."""
+
+    def __init__(self, source, spec, sinks, executor, journal, progress=True):
+        self.source, self.spec, self.sinks, self.executor, self.journal = source, spec, sinks, executor, journal
+        self.per_slice = any(s.per_slice for s in sinks)
+        self.stats = {}
+        self.progress = progress
+
+    def slice_stats(self, z):
+        if z not in self.stats:
+            self.stats = {z: self.source.stats(z)}  # slices go in order: one slice's statistics at a time
+        return self.stats[z]
+
+    def run(self, blocks):
+        todo = [b for b in blocks if b not in self.journal.finished]
+        self.remaining = {}  # z -> blocks of slice z not yet written
+        for b in todo:
+            self.remaining.setdefault(b.z, set()).add(b)
+        self.arrived = {}
+        total = sum(map(block_pixels, blocks))
+        progress = Progress(total, total - sum(map(block_pixels, todo))) if self.progress else None
+        restarts = 0
+        queue = list(reversed(todo))
+        old = sigterm_stops()
+        try:
+            while queue:
+                try:
+                    self.drain(queue, progress)
+                except BrokenProcessPool:
+                    restarts += 1
+                    if restarts > POOL_RESTARTS:
+                        raise DataError(
+                            f"a prediction worker died {restarts} times (killed, or out of memory: try a smaller "
+                            "--max_memory or fewer --workers); the finished blocks are kept: run the same command "
+                            "again to continue"
+                        ) from None
+                    warn("a prediction worker died (killed, or out of memory); its blocks are redone")
+                    self.executor.restart()
+                    queue = [b for b in reversed(todo) if b not in self.journal.finished and b not in self.written]
+        except KeyboardInterrupt:
+            done, count = len(self.journal.finished), len(blocks)
+            raise Interrupted(
+                f"interrupted with {done} of {count} blocks finished; run the same command again to continue"
+            ) from None
+        finally:
+            signal.signal(signal.SIGTERM, old)
+            self.executor.close()
+            for sink in self.sinks:
+                sink.close()
+            if progress:
+                progress.close()
+
+    @property
+    def written(self):
+        return {b for blocks in self.arrived.values() for b in blocks}
+
+    def drain(self, queue, progress):
+        """Submits blocks from `queue` (at most 2 x workers in flight) and writes results until it is empty."""
+        in_flight = {}
+        limit = 2 * self.executor.workers
+        while queue or in_flight:
+            while queue and len(in_flight) < limit:
+                block = queue.pop()
+                window, core = read_block_window(self.source, block, self.slice_stats(block.z))
+                in_flight[self.executor.submit(forward_window, self.spec, window, core)] = block
+                del window
+            for future in self.executor.done(list(in_flight)):
+                block = in_flight.pop(future)
+                self.finish(block, future.result())
+                if progress:
+                    progress.update(block_pixels(block))
+
+    def finish(self, block, prob):
+        for sink in self.sinks:
+            sink.write(block, prob)
+        if not self.per_slice:
+            self.journal.add([block])
+            self.end_slice_if_complete(block)
+            return
+        self.arrived.setdefault(block.z, []).append(block)
+        self.end_slice_if_complete(block)
+
+    def end_slice_if_complete(self, block):
+        remaining = self.remaining[block.z]
+        remaining.discard(block)
+        if remaining:
+            return
+        for sink in self.sinks:
+            sink.end_slice(block.z)
+        if self.per_slice:
+            self.journal.add(self.arrived.pop(block.z))
+
+
+def run_blocks(source, blocks, spec, sinks, executor, journal, progress=True):
+    """Predicts every block of `blocks` not yet in `journal` into `sinks`; see Engine."""
+    Engine(source, spec, sinks, executor, journal, progress).run(blocks)
+
+
+# ---------------------------------------------------------------------------------------------------- a prediction run
+
+GB = 1e9
+PNG_PIXELS = 8192 * 8192  # slices up to this size also get NAME.png and prob/NAME.png (two uint8 maps held per slice)
+SUBMISSION_BYTES = 2**32 - 2**25  # the float32 ISBI submission stack only while it fits a classic TIFF (4 GB)
+STACKS = ("prob.tif", "mask.tif")
+
+# Peak memory of a forward pass per window pixel, and of a process before its first window (model, runtime),
+# measured with tools/block_memory.py at width 16 (docs/volumes.md); a wider model scales the activations.
+FORWARD_BYTES_PER_PIXEL = {"OneFlow": 300, "ONNX Runtime": 300}
+PROCESS_BYTES = {"OneFlow": 0.45 * GB, "ONNX Runtime": 0.15 * GB}
+PARENT_BYTES = 0.5 * GB  # the parent's own OneFlow import and buffers
+WIDTH_MEASURED = 16
+
+
+def forward_bytes_per_pixel(runtimes, width, tta):
+    """Bytes per window pixel of one forward pass for the models' runtimes at their width (activations grow with
+    the channels), the largest of the ensemble's (members run one after another); TTA keeps a float64 sum."""
+    per = max(FORWARD_BYTES_PER_PIXEL[r] for r in runtimes) * max(1.0, width / WIDTH_MEASURED)
+    return per + (16 if tta else 0)
+
+
+def choose_side(max_memory_gb, tile, workers, runtimes, width, tta, shapes):
+    """The block core side: --tile checked against --max_memory, or the largest that fits it; one line when the
+    budget cannot hold even a 16-px block or the asked tile."""
+    budget = max_memory_gb * GB - PARENT_BYTES - workers * max(PROCESS_BYTES[r] for r in runtimes)
+    per = forward_bytes_per_pixel(runtimes, width, tta)
+    in_flight = workers + 2 * workers * 4 / per  # the forwards, and the parent's float32 windows waiting for them
+    largest = max(max(padded_shape(s)) for s in shapes)
+    if tile:
+        need = window_pixels(min(tile, largest)) * per * in_flight + max(0.0, GB * max_memory_gb - budget)
+        if need > max_memory_gb * GB:
+            raise DataError(
+                f"--tile {tile} needs about {need / GB:.1f} GB with {workers} process(es), more than --max_memory "
+                f"{max_memory_gb:g}; pass a smaller --tile (or none: it is then chosen from --max_memory)"
+            )
+        return min(tile, largest)
+    side = block_side(budget, per, None, HALO, in_flight)
+    if side < POOL:
+        floor = (window_pixels(POOL) * per * in_flight + max_memory_gb * GB - budget) / GB
+        raise DataError(
+            f"--max_memory {max_memory_gb:g} GB is too small for {workers} process(es) of this model: it needs at "
+            f"least about {floor:.1f} GB (fewer --workers need less)"
+        )
+    return min(side, largest)
+
+
+def check_sizes(source):
+    """Every slice has a size four poolings can take; returns the slices' (H, W)."""
+    shapes = [source.shape(z) for z in range(len(source.names))]
+    for z, shape in enumerate(shapes):
+        if min(shape) < POOL:
+            raise DataError(f"{source.describe(z)}: smaller than {POOL} pixels, too small for four poolings")
+    return shapes
+
+
+def fingerprint(source, checkpoints, settings):
+    """What a stopped run's blocks depend on: the models' bytes, the input's files, the settings (JSON-plain)."""
+    models = [file_digest(c) for c in checkpoints]
+    return json.loads(json.dumps({"models": models, "input": input_identity(source), "settings": settings}))
+
+
+def begin_output(folder, outputs, print_line, **fields):
+    """The run's claim on `folder` (isbi_unet/outputs.py's rules, in this one place): a stopped run of the same
+    fingerprint there is continued (its Journal comes back with the finished blocks), anything else of this
+    script's is removed as a whole and a new record marked unfinished is written."""
+    record, path = read_record(folder, PREDICTIONS), os.path.join(folder, JOURNAL)
+    same = record is not None and record.get("finished") is False and record.get("fingerprint") == fields["fingerprint"]
+    files = [n for n in outputs if n.endswith(".tif")]
+    if same and os.path.isfile(path) and all(os.path.isfile(os.path.join(folder, n)) for n in files):
+        journal = Journal(path, fields["fingerprint"])
+        if journal.finished:
+            print_line(f"continuing the stopped run in {folder}: {len(journal.finished)} blocks already finished")
+            return journal, True
+    if record is not None and record.get("finished") is False:
+        print_line(f"the stopped run in {folder} had another model, input or settings: starting over")
+    start_output(folder, PREDICTIONS, [*outputs, JOURNAL], **fields)
+    return Journal(path, fields["fingerprint"]), False
+
+
+def end_output(folder, journal):
+    """The journal goes once every block is written (the final record, written next, no longer lists it)."""
+    os.remove(journal.path)
+
+
+def make_sinks(folder, source, out_names, shapes, threshold, scores, resume):
+    """The outputs of a prediction: per-slice PNGs where slices are small enough; for a stack input (or slices
+    too big for PNGs), prob.tif and mask.tif; the float32 submission.tif where all slices share a size and it fits
+    a classic TIFF; the maps in memory when scores are asked for. Returns (sinks, output names)."""
+    sinks, outputs = [], []
+    if all(h * w <= PNG_PIXELS for h, w in shapes):
+        sinks.append(PngSink(folder, out_names, shapes, threshold))
+        outputs += [*out_names, "prob"]
+    if len(set(shapes)) == 1:
+        zhw = (len(shapes), *shapes[0])
+        if not sinks or is_stack(source.path):
+            sinks.append(TiffSink(os.path.join(folder, STACKS[0]), zhw, np.uint8, to_prob_8, resume))
+            sinks.append(
+                TiffSink(os.path.join(folder, STACKS[1]), zhw, np.uint8, lambda p: to_mask(p, threshold), resume)
+            )
+            outputs += list(STACKS)
+        if int(np.prod(zhw)) * 4 <= SUBMISSION_BYTES:
+            clip = functools.partial(np.clip, a_min=0.0, a_max=1.0)
+            sinks.append(TiffSink(os.path.join(folder, "submission.tif"), zhw, np.float32, clip, resume))
+            outputs.append("submission.tif")
+    if scores:
+        sinks.append(ArraySink(shapes))
+    return sinks, outputs
+
+
+def planned_outputs(source, out_names, shapes):
+    """The names make_sinks will write, known before anything is made (for the record)."""
+    names = []
+    if all(h * w <= PNG_PIXELS for h, w in shapes):
+        names += [*out_names, "prob"]
+    if len(set(shapes)) == 1:
+        if not names or is_stack(source.path):
+            names += list(STACKS)
+        if len(shapes) * shapes[0][0] * shapes[0][1] * 4 <= SUBMISSION_BYTES:
+            names.append("submission.tif")
+    return names
