@@ -3,7 +3,7 @@
     source = open_omezarr("volume.ome.zarr")     # level 0 of the multiscales; axes ending in y, x (2-D or z/y/x)
     source.names, source.shape(z), source.dtype  # one slice per z
     window = source.read(z, slice(0, 512), slice(0, 512))   # raw pixels, read chunk by chunk through zarr
-    sink = OmeZarrSink("out/prob.ome.zarr", source, PROB)   # chunked like the input, its axes and scale
+    sink = OmeZarrSink("out/prob.ome.zarr", source, to_prob_8, "prob")   # chunked like the input, its axes, scale
     sink.write(block, prob_core); sink.close()
 
 Axes other than z, y and x must have size 1 (a time point, one channel); a channel axis of size > 1 is refused,
@@ -20,14 +20,14 @@ import os
 
 import numpy as np
 
+from isbi_unet.blocks import EXACT_STATS_PIXELS, STATS_ROWS, exact_stats, streaming_stats
 from isbi_unet.errors import DataError, cannot_write
 
 INSTALL = "pip install -r requirements-volumes.txt (CPython 3.10+), or `source setup.sh`"
 NGFF_VERSION = "0.4"
 PIXEL_KINDS = "uint8, uint16 or float"
 BLOSC_HEADER = 16  # bytes; it holds the compressed size the stored chunk must have
-PROB, MASK = "prob", "mask"  # what a sink writes: probability x 255, or the mask (255 = cell, 0 = membrane)
-OUTPUT_NAMES = {PROB: "prob.ome.zarr", MASK: "mask.ome.zarr"}  # in --save_res_path
+OUTPUTS = ("prob.ome.zarr", "mask.ome.zarr")  # in --save_res_path: probability x 255, the mask (255 = cell)
 
 
 def import_zarr():
@@ -81,7 +81,20 @@ def image_metadata(path):
     axes, datasets = meta.get("axes"), meta.get("datasets")
     if not axes or not datasets or not all(isinstance(a, dict) and "name" in a for a in axes):
         raise DataError(f"{path}: multiscales metadata without axes or datasets")
+    check_axes(path, axes)
     return meta
+
+
+def check_axes(path, axes):
+    """ome-zarr-py's own rules for NGFF 0.4 axes (types, order), which its writer applies to the outputs too."""
+    from ome_zarr.axes import Axes
+    from ome_zarr.format import FormatV04
+
+    try:
+        Axes(axes, FormatV04()).validate()
+    except (ValueError, KeyError, TypeError) as e:
+        names = ", ".join(str(a.get("name")) for a in axes)
+        raise DataError(f"{path}: axes {names} are not valid NGFF {NGFF_VERSION} ({e})") from None
 
 
 def slice_axes(path, axes, shape):
@@ -137,6 +150,21 @@ class OmeZarrSource:
     def shape(self, z=0):
         return self.array.shape[self.y_axis], self.array.shape[self.x_axis]
 
+    def stats(self, z):
+        """Slice z's SliceStats: as images.preprocess computes them for a slice that fits, else streamed in bands
+        of whole chunk rows (each chunk decoded once per pass)."""
+        h, w = self.shape(z)
+        if h * w <= EXACT_STATS_PIXELS:
+            return exact_stats(self.read(z, slice(0, h), slice(0, w)))
+        rows = max(
+            self.array.chunks[self.y_axis],
+            STATS_ROWS // self.array.chunks[self.y_axis] * self.array.chunks[self.y_axis],
+        )
+        return streaming_stats(lambda ys: self.read(z, ys, slice(0, w)), (h, w), self.dtype, rows)
+
+    def describe(self, z):
+        return f"{self.path} z {z}" if self.z_axis is not None else self.path
+
     def index(self, z, ys, xs):
         """The array index of slice z's rows ys and columns xs: the size-1 axes at 0."""
         index = [0] * self.array.ndim
@@ -153,6 +181,10 @@ class OmeZarrSource:
             ranges.append(range(start // chunk, (stop - 1) // chunk + 1))
         return [self.array._chunk_key(c) for c in itertools.product(*ranges)]  # zarr 2's key layout, as it reads
 
+    def chunk_name(self, key):
+        """How messages name a chunk: its file under the image (level path included)."""
+        return f"{self.meta['datasets'][0]['path']}/{key}"
+
     def read(self, z, ys, xs):
         """Rows ys, columns xs of slice z, raw dtype; a missing or undecodable chunk is one DataError."""
         index = self.index(z, slice(*ys.indices(self.shape()[0])[:2]), slice(*xs.indices(self.shape()[1])[:2]))
@@ -161,7 +193,7 @@ class OmeZarrSource:
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise DataError(
-                f"{self.path}: chunk {missing[0]} is missing{more}; zarr would read it as zeros "
+                f"{self.path}: chunk {self.chunk_name(missing[0])} is missing{more}; zarr would read it as zeros "
                 "(a store written with write_empty_chunks=False has to be written again)"
             )
         for key in keys:
@@ -169,7 +201,9 @@ class OmeZarrSource:
         try:
             return self.array[index]
         except Exception:  # numcodecs raises RuntimeError, ValueError, ... by codec: find the chunk and name it
-            raise DataError(f"{self.path}: chunk {self.broken_chunk(keys)} is truncated or corrupt") from None
+            raise DataError(
+                f"{self.path}: chunk {self.chunk_name(self.broken_chunk(keys))} is truncated or corrupt"
+            ) from None
 
     def check_chunk(self, key):
         """Refuses a chunk whose stored size contradicts its own header: Blosc decodes a truncated chunk into
@@ -187,7 +221,9 @@ class OmeZarrSource:
         else:
             intact = True
         if not intact:
-            raise DataError(f"{self.path}: chunk {key} is truncated or corrupt ({len(raw)} bytes stored)")
+            raise DataError(
+                f"{self.path}: chunk {self.chunk_name(key)} is truncated or corrupt ({len(raw)} bytes stored)"
+            )
 
     def broken_chunk(self, keys):
         """The first of `keys` that does not decode to a whole chunk."""
@@ -203,27 +239,24 @@ def open_omezarr(path):
     return OmeZarrSource(path)
 
 
-def to_prob(prob):
-    """The cell probability as stored: x 255, rounded, uint8 (as the prob/ PNGs and prob.tif)."""
-    return np.round(prob * 255).astype(np.uint8)
-
-
-def to_mask(prob, threshold):
-    return np.where(prob >= threshold, 255, 0).astype(np.uint8)
-
-
 class OmeZarrSink:
-    """An OME-Zarr image of one output (PROB or MASK) shaped, chunked and scaled like `source`, written block by
-    block: the volume Sink protocol. `fresh=False` reopens the store an interrupted run left, to continue it.
+    """An OME-Zarr image shaped, chunked and scaled like `source`, written block by block (the volume Sink
+    protocol); `convert(prob) -> uint8` maps the probabilities to what is stored (x 255, or the mask).
+    `resume=True` reopens the store a stopped run left, to continue it.
 
     Written with zarr (the pixels) and ome-zarr-py's writer (the NGFF metadata), so ome-zarr's reader and
     napari-ome-zarr open it; one level, uint8; every chunk is stored, all-zero ones too.
     """
 
-    def __init__(self, path, source, kind, threshold=0.5, fresh=True):
-        self.path, self.source, self.kind, self.threshold = str(path), source, kind, threshold
+    per_slice = False
+
+    def __init__(self, path, source, convert, name, resume=False):
+        self.path, self.source, self.convert, self.name = str(path), source, convert, name
         try:
-            self.array = self.create() if fresh else import_zarr().open_array(os.path.join(self.path, "0"), mode="r+")
+            if resume and os.path.isdir(os.path.join(self.path, "0")):
+                self.array = import_zarr().open_array(os.path.join(self.path, "0"), mode="r+")
+            else:
+                self.array = self.create()
         except OSError as e:
             raise cannot_write(self.path, e) from None
 
@@ -245,16 +278,20 @@ class OmeZarrSink:
         level, overall = self.source.transforms
         extra = {"coordinateTransformations": overall} if overall else {}
         datasets = [{"path": "0", **({"coordinateTransformations": level} if level else {})}]
-        write_multiscales_metadata(group, datasets, FormatV04(), self.source.axes, self.kind, **extra)
+        write_multiscales_metadata(group, datasets, FormatV04(), self.source.axes, self.name, **extra)
         return array
 
-    def write(self, block, prob_core):
-        """Writes a block's core (idempotent: the same block gives the same bytes)."""
-        pixels = to_prob(prob_core) if self.kind == PROB else to_mask(prob_core, self.threshold)
+    def write(self, block, prob):
+        """Writes a block's core (idempotent: the same block gives the same bytes); each chunk file in one rename
+        (zarr's DirectoryStore), so a kill leaves every chunk whole."""
+        index = self.source.index(block.z, slice(block.y0, block.y1), slice(block.x0, block.x1))
         try:
-            self.array[self.source.index(block.z, slice(block.y0, block.y1), slice(block.x0, block.x1))] = pixels
+            self.array[index] = self.convert(prob)
         except OSError as e:
             raise cannot_write(self.path, e) from None
 
+    def end_slice(self, z):
+        pass
+
     def close(self):
-        pass  # every chunk is in its own file, written in one rename by zarr's DirectoryStore
+        pass

@@ -47,6 +47,7 @@ from isbi_unet.blocks import (
 from isbi_unet.errors import DataError, Interrupted, cannot_write, warn
 from isbi_unet.formats import POOL, PREDICTIONS
 from isbi_unet.images import CHANNELS, list_images, read_slice, used_bits, write_png
+from isbi_unet.omezarr import OmeZarrSource, is_omezarr
 from isbi_unet.outputs import read_record, start_output
 from isbi_unet.predictor import worker_predictor
 from isbi_unet.runtime import tie_to_launcher
@@ -177,7 +178,8 @@ def _page_pixels(source, z):
     return page.asarray()
 
 
-SOURCES = []  # (accepts(path) -> bool, class): other kinds of input register here, checked before TIFF/folder
+# (accepts(path) -> bool, class): other kinds of input register here, checked before TIFF/folder
+SOURCES = [(is_omezarr, OmeZarrSource)]
 
 
 def open_source(path):
