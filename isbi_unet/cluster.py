@@ -15,6 +15,7 @@ distributed.scheduler.allowed-failures times (3) ends the run with one line, as 
 worker for `timeout` seconds. Needs dask and distributed (requirements-volumes.txt, CPython 3.10+).
 """
 
+import asyncio
 import re
 import time
 
@@ -22,6 +23,8 @@ from isbi_unet.errors import DataError
 
 INSTALL = "pip install -r requirements-volumes.txt (CPython 3.10+), or `source setup.sh`"
 ADDRESS = re.compile(r"^([a-z]+://)?[^\s/:]+:\d+$")  # tcp://HOST:PORT (or HOST:PORT, or tls://...)
+# What a refused, unreachable or silent address raises (asyncio's TimeoutError is not the builtin one before 3.11)
+NO_ANSWER = (OSError, TimeoutError, asyncio.TimeoutError)
 POLL = 1.0  # seconds between looks at a cluster that has no workers
 CONTINUE = "the finished blocks are kept: run the same command again to continue"
 
@@ -42,7 +45,7 @@ def connect(address, timeout):
     client = distributed.Client.__new__(distributed.Client)  # held, so that a failed one can be let go quietly
     try:
         client.__init__(address, timeout=timeout, set_as_default=False)
-    except (OSError, TimeoutError) as e:  # refused, unreachable, or silent
+    except NO_ANSWER as e:
         forget(client)
         raise DataError(f"{address}: no Dask scheduler answered within {timeout:g} s ({first_line(e)})") from None
     except Exception as e:  # something else listens there (measured: an HTTP server's reply read as a frame size
@@ -53,7 +56,7 @@ def connect(address, timeout):
         ) from None
     try:
         client.wait_for_workers(1, timeout=timeout)
-    except (OSError, TimeoutError):
+    except NO_ANSWER:
         client.close()
         raise DataError(
             f"{address}: the Dask scheduler has no workers (waited {timeout:g} s); start them with "
@@ -105,7 +108,8 @@ class DaskExecutor:
         `timeout` s is one DataError."""
         alone_since = None
         while True:
-            finished = self.distributed.wait(futures, timeout=POLL, return_when="FIRST_COMPLETED").done
+            with self.client.as_current():  # wait() asks for the current client
+                finished = self.distributed.wait(futures, timeout=POLL, return_when="FIRST_COMPLETED").done
             if finished:
                 for future in finished:
                     self.check(future)
@@ -131,7 +135,8 @@ class DaskExecutor:
                 f"{self.address}: a block's Dask workers died {error.allowed_failures + 1} times (killed, or out of "
                 f"memory: try a smaller --max_memory); {CONTINUE}"
             )
-        hint = "; each worker needs this repository on its PYTHONPATH" if isinstance(error, ImportError) else ""
+        unpickled = isinstance(error, ImportError) or "deserializ" in str(error)
+        hint = "; the scheduler and every worker need this repository on their PYTHONPATH" if unpickled else ""
         raise DataError(f"{self.address}: a Dask worker failed: {type(error).__name__}: {error}{hint}")
 
     def restart(self):

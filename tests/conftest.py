@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -83,6 +84,77 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Processes:
+    """Started commands, each in its own session, output to a file (a pipe would be held open by a stray rank)."""
+
+    def __init__(self, folder):
+        self.folder, self.procs = folder, []
+
+    def start(self, name, cmd, env=None, cwd=REPO, namespace=None):
+        if namespace:
+            cmd = ["ip", "netns", "exec", namespace, *cmd]
+        log = self.folder / f"{name}.txt"
+        with open(log, "w") as f:
+            proc = subprocess.Popen(
+                [str(c) for c in cmd],
+                cwd=cwd,
+                env={**os.environ, **(env or {})},
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        proc.log = log
+        self.procs.append(proc)
+        return proc
+
+    def wait(self, proc, timeout):
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout} s:\n{proc.log.read_text()}") from None
+        return proc.returncode, proc.log.read_text()
+
+    def kill(self, proc):
+        """Ends `proc` and everything it started (its session), at once."""
+        try:
+            os.killpg(proc.pid, signal.SIGCONT)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def kill_all(self):
+        for proc in self.procs:
+            self.kill(proc)
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Processes(tmp_path)
+    yield p
+    p.kill_all()
+
+
+def node_namespaces(count, prefix, subnet=None):
+    """Yields `count` node namespaces PREFIX-n0 ... (tools/netns.py), addresses SUBNET.1 ...; removed, with every
+    process still inside, when the generator ends (a module fixture's `yield from`). Skips where they cannot
+    be made (not root, no iproute2)."""
+    from tools import netns
+
+    why = netns.unavailable()
+    if why:
+        pytest.skip(f"no simulated nodes: {why}")
+    try:
+        names = netns.up(count, prefix, subnet or netns.SUBNET)
+    except OSError as e:
+        pytest.skip(f"no simulated nodes: network namespaces cannot be made here ({e})")
+    try:
+        yield names
+    finally:
+        netns.down(prefix)
+        assert netns.namespaces(prefix) == []
 
 
 # One sample per slice keeps step counts equal to slices / batch, which several tests count on.
