@@ -80,6 +80,22 @@ def assert_fails(proc, *fragments):
         assert str(fragment) in lines[0], lines[0]
 
 
+def write_omezarr(path, image, axes="zyx", chunks=None, transforms=None, **options):
+    """`image` as an OME-Zarr image (NGFF 0.4, one level) at `path`, written by ome-zarr-py as other tools write
+    it: chunks of one slice by 32 x 32 unless given, a scale of 4 per pixel (50 along z) unless `transforms`."""
+    import zarr
+    from ome_zarr.io import parse_url
+    from ome_zarr.writer import write_image
+
+    if transforms is None:
+        scale = [50.0 if a == "z" else 1.0 for a in axes[:-2]] + [4.0, 4.0]
+        transforms = [[{"type": "scale", "scale": scale}]]
+    group = zarr.group(parse_url(str(path), mode="w").store)
+    storage = {"chunks": chunks or (1,) * (image.ndim - 2) + (32, 32), **options}
+    write_image(image, group, axes=axes, storage_options=storage, scaler=None, coordinate_transformations=transforms)
+    return str(path)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

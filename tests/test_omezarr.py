@@ -14,24 +14,12 @@ pytest.importorskip("ome_zarr")
 
 from ome_zarr.io import parse_url  # noqa: E402
 from ome_zarr.reader import Reader  # noqa: E402
-from ome_zarr.writer import write_image  # noqa: E402
 
+from conftest import write_omezarr  # noqa: E402
 from isbi_unet.blocks import Block, exact_stats, streaming_stats  # noqa: E402
 from isbi_unet.errors import DataError  # noqa: E402
 from isbi_unet.omezarr import OmeZarrSink, OmeZarrSource, is_omezarr  # noqa: E402
 from isbi_unet.volume import open_source, to_mask, to_prob_8  # noqa: E402
-
-SCALE = [{"type": "scale", "scale": [50.0, 4.0, 4.0]}]
-
-
-def write_omezarr(path, image, axes="zyx", chunks=None, transforms=None, **options):
-    """`image` as an OME-Zarr image at `path`, by ome-zarr-py (one level), as other tools write it."""
-    group = zarr.group(parse_url(str(path), mode="w").store)
-    storage = {"chunks": chunks or (1,) * (image.ndim - 2) + (32, 32), **options}
-    transforms = transforms or [[{"type": "scale", "scale": [1.0] * (image.ndim - 3) + SCALE[0]["scale"][-3:]}]]
-    transforms = [[{"type": "scale", "scale": transforms[0][0]["scale"][-image.ndim :]}]]
-    write_image(image, group, axes=axes, storage_options=storage, scaler=None, coordinate_transformations=transforms)
-    return str(path)
 
 
 def volume(shape=(3, 100, 90), dtype=np.uint8, seed=0):
