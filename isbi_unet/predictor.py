@@ -3,7 +3,7 @@
     spec = Spec(("checkpoints/best",), device="cpu", tile=0, overlap=64, tta=False)
     predictor = Predictor.open(spec)           # every model loaded and checked now
     prob = predictor(image)                    # uint8 HxW slice -> float32 HxW cell probability in [0, 1]
-    probs = predict_all(predictor, images, workers=4)   # the same, from 4 processes, in order
+    prob = predictor.window(x)                 # the same from a standardised window (isbi_unet/volume.py's blocks)
 
 A backend runs one model: `backend.probabilities(batch)` maps float32 Nx1xhxw to cell probabilities of the same
 shape. `backend_class` alone tells model kinds apart, by path. A Predictor averages its backends (an ensemble)
@@ -12,9 +12,7 @@ without it.
 """
 
 import functools
-import multiprocessing
 import os
-import signal
 from typing import NamedTuple, Optional
 
 from isbi_unet.errors import DataError
@@ -133,8 +131,13 @@ class Predictor:
         return tile, min(self.overlap, tile - POOL) if tile else self.overlap
 
     def __call__(self, image):
-        tile, overlap = self.plan(image.shape)
-        return predict_tiled(self.probabilities, preprocess(image), tile=tile, overlap=overlap, tta=self.tta)[0]
+        return self.window(preprocess(image))
+
+    def window(self, x):
+        """float32 hxw cell probability of a standardised float32 1xhxw window (a whole slice, or a block's window:
+        isbi_unet/blocks.py) in one pass, flipped as set; a fixed-size ONNX model tiles it at its size."""
+        tile, overlap = self.plan(x.shape)
+        return predict_tiled(self.probabilities, x, tile=tile, overlap=overlap, tta=self.tta)[0]
 
     def tiling_note(self, shapes):
         """The line saying which images a fixed input size makes tiled; None when none is, or tiles were asked."""
@@ -165,27 +168,6 @@ class Predictor:
             return f"UNet{self.states[0]['model_config']}, epoch {self.states[0].get('epoch')}"
         epochs = ", ".join(str(s.get("epoch")) for s in self.states)
         return f"mean of {len(self.states)} checkpoints, epochs {epochs}"
-
-
-def predict_all(predictor, images, workers=1):
-    """Yields the cell probability of every image, in order: here, or from `workers` processes.
-
-    Worker processes build their own predictor from `predictor.spec`; this process's models are then let go.
-    """
-    if workers == 1:
-        yield from map(predictor, images)
-        return
-    spec = predictor.release()
-    # spawn, not fork: OneFlow's runtime threads do not survive a fork.
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=ignore_ctrl_c) as pool:
-        yield from pool.imap(functools.partial(predict_in_worker, spec), images)
-
-
-def ignore_ctrl_c():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent ends the pool
-    # ... with SIGTERM, which must end a worker even when the parent was started with it ignored (nohup, `&`
-    # in some shells): ignored, a worker blocked on a full result pipe keeps Pool.terminate waiting forever.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @functools.lru_cache(maxsize=1)

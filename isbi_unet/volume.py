@@ -380,7 +380,10 @@ def input_identity(source):
 def forward_window(spec, window, core):
     """The probabilities of a block's core: this process's predictor (loaded once) on the standardised window."""
     cy, cx, h, w = core
-    return worker_predictor(spec).window(window)[cy : cy + h, cx : cx + w]
+    predictor = worker_predictor(spec)
+    if predictor.size:  # a fixed-size ONNX export tiles a whole slice itself, as before blocks: its unpadded pixels
+        window = window[:, : cy + h, : cx + w]
+    return predictor.window(window)[cy : cy + h, cx : cx + w]
 
 
 class LocalExecutor:
@@ -428,12 +431,19 @@ class PoolExecutor:
         self.pool = self.start()
 
     def close(self):
-        """Stops every worker now (a stopped run does not wait for their blocks)."""
+        """Stops every worker now, with SIGKILL: a stopped run does not wait for their blocks, and a worker still
+        starting up (its signals as the parent had them: SIGTERM ignored under nohup) must not keep it waiting."""
         processes = list((getattr(self.pool, "_processes", None) or {}).values())
         for p in processes:
-            if p.is_alive():
-                p.terminate()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+            p.kill()
+        # The pool's queue thread may be blocked writing a window to a worker that is gone: joining it (at
+        # shutdown, and at exit) would wait forever (CPython's concurrent.futures does that), so it is let go.
+        queue = getattr(self.pool, "_call_queue", None)
+        if queue is not None:
+            queue.cancel_join_thread()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:
+            p.join()
 
 
 def make_executor(workers):
@@ -539,9 +549,8 @@ class Engine:
                     queue = [b for b in reversed(todo) if b not in self.journal.finished and b not in self.written]
         except KeyboardInterrupt:
             done, count = len(self.journal.finished), len(blocks)
-            raise Interrupted(
-                f"interrupted with {done} of {count} blocks finished; run the same command again to continue"
-            ) from None
+            print(f"stopped with {done} of {count} blocks finished: the same command continues the run", flush=True)
+            raise Interrupted("interrupted") from None
         finally:
             signal.signal(signal.SIGTERM, old)
             self.executor.close()
