@@ -100,6 +100,18 @@ def parse_args(argv=None):
         "uses every core itself; else one per CPU core, at most 4)",
     )
     p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="a Dask scheduler's address, tcp://HOST:PORT: its workers run the blocks (docs/volumes.md); the model "
+        "must be at the same absolute path on every worker",
+    )
+    p.add_argument(
+        "--scheduler_timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the --scheduler to answer, for a first worker, and for one after all are lost",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="write into a --save_res_path that holds files this script did not write (its own earlier output "
@@ -112,7 +124,7 @@ def check_outputs(args):
     """--save_res_path can be made and written, lies apart from every input, and holds nothing of anyone else's."""
     if not 0.0 < args.threshold < 1.0:
         raise DataError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
-    check_flags(args, positive=("max_memory",))
+    check_flags(args, positive=("max_memory", "scheduler_timeout"))
     inputs = [(args.Test_Data_path, "--Test_Data_path"), (args.label_path, "--label_path")]
     check_apart(args.save_res_path, "--save_res_path", inputs + [(c, "--checkpoint") for c in args.checkpoint])
     check_output_dir(args.save_res_path, "--save_res_path")
@@ -134,7 +146,8 @@ def open_predictor(args, device, shapes):
     check_tiling(args.tile, 0, 1)
     one = device.type == "cuda" or uses_every_core(args.checkpoint)
     check_flags(args, positive=("workers",))
-    workers = args.workers or default_processes(one)
+    # On a cluster, this process only reads and writes: --max_memory is then each worker process's budget.
+    workers = 1 if args.scheduler else args.workers or default_processes(one)
     cores = len(os.sched_getaffinity(0))
     if workers > cores:  # more processes than cores only share them, each with its copy of the model
         warn(f"--workers {workers} is more than the {cores} CPU cores here; using {cores}")
@@ -166,6 +179,9 @@ def main(argv=None):
     labels = read_labels(args.label_path, source, shapes) if args.label_path else None
     predictor, spec, workers, side = open_predictor(args, device, shapes)
     args.workers = workers
+    executor = make_executor(workers, args.scheduler, args.scheduler_timeout)  # a cluster that fails: before output
+    if args.scheduler:
+        spec = on_cluster(spec)
     blocks = plan_volume(source, side)
     outputs = planned_outputs(source, out_names, shapes)
     settings = {k: getattr(args, k) for k in ("threshold", "tta", "graph", "device")}
@@ -177,15 +193,16 @@ def main(argv=None):
         args=vars(args),
         fingerprint=fingerprint(source, args.checkpoint, {**settings, "side": side, "halo": HALO, "outputs": outputs}),
     )
-    make_output_dir(os.path.join(args.save_res_path, "prob"), "--save_res_path")
+    if "prob" in outputs:
+        make_output_dir(os.path.join(args.save_res_path, "prob"), "--save_res_path")
     sinks, _ = make_sinks(args.save_res_path, source, out_names, shapes, args.threshold, labels is not None, resumed)
     note = predictor.tiling_note(shapes)
     if note:
         print(note, flush=True)
-    if workers > 1:
+    if workers > 1 or args.scheduler:
         worker_predictor.cache_clear()  # the workers load their own
     t0 = time.time()
-    run_blocks(source, blocks, spec, sinks, make_executor(workers), journal)
+    run_blocks(source, blocks, spec, sinks, executor, journal)
     seconds = time.time() - t0
     end_output(args.save_res_path, journal)
     checkpoint = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint  # as run.json always had
@@ -194,13 +211,34 @@ def main(argv=None):
     path = os.path.join(args.save_res_path, PREDICTIONS)
     write_json_record(path, {**record, "finished": True, "outputs": sorted(outputs)}, device)
     print(
-        f"{len(source.names)} masks in {args.save_res_path}/, probabilities in "
-        f"{os.path.join(args.save_res_path, 'prob')}/ ({predictor.describe()}, {seconds:.1f}s on {device} x "
-        f"{workers} process(es){predictor.describe_settings()}{describe_blocks(blocks, side)})"
+        f"{len(source.names)} masks {describe_maps(args.save_res_path, outputs)} ({predictor.describe()}, "
+        f"{seconds:.1f}s on "
+        f"{describe_where(args, device, executor)}{predictor.describe_settings()}{describe_blocks(blocks, side)})"
     )
     if labels is not None:
         probs = next(s for s in sinks if isinstance(s, ArraySink)).probs
         print_scores(source.names, [probs[z] for z in range(len(source.names))], labels)
+
+
+def on_cluster(spec):
+    """The spec a Dask worker loads: absolute model paths (its working folder is its own) and ONNX Runtime's
+    threads left to each machine (its cores, not this one's)."""
+    return spec._replace(checkpoints=tuple(os.path.abspath(c) for c in spec.checkpoints), threads=None)
+
+
+def describe_maps(folder, outputs):
+    """`in out/, probabilities in out/prob/`: where the masks and probabilities went."""
+    for masks, probs in (("", "prob"), ("mask.tif", "prob.tif"), ("mask.ome.zarr", "prob.ome.zarr")):
+        if probs in outputs:
+            folder_slash = "/" if probs == "prob" else ""
+            return f"in {os.path.join(folder, masks)}, probabilities in {os.path.join(folder, probs)}{folder_slash}"
+    return f"in {folder}"
+
+
+def describe_where(args, device, executor):
+    if args.scheduler:
+        return f"Dask cluster {args.scheduler} ({executor.workers} worker threads)"
+    return f"{device} x {args.workers} process(es)"
 
 
 def describe_blocks(blocks, side):

@@ -108,8 +108,7 @@ class DaskExecutor:
         `timeout` s is one DataError."""
         alone_since = None
         while True:
-            with self.client.as_current():  # wait() asks for the current client
-                finished = self.distributed.wait(futures, timeout=POLL, return_when="FIRST_COMPLETED").done
+            finished = self.wait_for_one(futures)
             if finished:
                 for future in finished:
                     self.check(future)
@@ -122,6 +121,14 @@ class DaskExecutor:
                 alone_since = time.monotonic()
             elif time.monotonic() - alone_since > self.timeout:
                 raise DataError(f"{self.address}: no Dask worker left for {self.timeout:g} s; {CONTINUE}")
+
+    def wait_for_one(self, futures):
+        """The futures finished within POLL seconds (none: an empty set, where wait() raises)."""
+        try:
+            with self.client.as_current():  # wait() asks for the current client
+                return self.distributed.wait(futures, timeout=POLL, return_when="FIRST_COMPLETED").done
+        except NO_ANSWER:
+            return set()
 
     def check(self, future):
         """A failed block as one DataError: the worker's own (a model it cannot load), or what Dask says."""

@@ -147,6 +147,15 @@ class OmeZarrSource:
         """(level 0's coordinateTransformations, the multiscales' own or None): the physical scale to pass on."""
         return self.meta["datasets"][0].get("coordinateTransformations"), self.meta.get("coordinateTransformations")
 
+    def identity(self):
+        """What a stopped run's blocks depend on, cheaply: the image's path and its metadata files' sizes and
+        modification times (a chunk rewritten in place is not seen; a new image is)."""
+        files = [
+            os.path.join(self.path, ".zattrs"),
+            os.path.join(self.path, self.meta["datasets"][0]["path"], ".zarray"),
+        ]
+        return [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in map(os.path.abspath, files)]
+
     def shape(self, z=0):
         return self.array.shape[self.y_axis], self.array.shape[self.x_axis]
 

@@ -44,10 +44,12 @@ from isbi_unet.blocks import (
     streaming_stats,
     window_pixels,
 )
+from isbi_unet.cluster import DaskExecutor
 from isbi_unet.errors import DataError, Interrupted, cannot_write, warn
 from isbi_unet.formats import POOL, PREDICTIONS
 from isbi_unet.images import CHANNELS, list_images, read_slice, used_bits, write_png
-from isbi_unet.omezarr import OmeZarrSource, is_omezarr
+from isbi_unet.omezarr import OUTPUTS as OMEZARR_OUTPUTS
+from isbi_unet.omezarr import OmeZarrSink, OmeZarrSource, is_omezarr
 from isbi_unet.outputs import read_record, start_output
 from isbi_unet.predictor import worker_predictor
 from isbi_unet.runtime import tie_to_launcher
@@ -368,7 +370,10 @@ def file_digest(path):
 
 
 def input_identity(source):
-    """What the input is, cheaply (an input may be terabytes): each file's path, size and modification time."""
+    """What the input is, cheaply (an input may be terabytes): each file's path, size and modification time (or
+    what a source says it is: an OME-Zarr image's metadata files)."""
+    if hasattr(source, "identity"):
+        return source.identity()
     root = os.path.abspath(source.path)
     files = [root] if os.path.isfile(root) else [os.path.join(root, n) for n in source.names]
     return [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
@@ -446,7 +451,10 @@ class PoolExecutor:
             p.join()
 
 
-def make_executor(workers):
+def make_executor(workers, scheduler=None, timeout=None):
+    """This process, a pool of `workers` processes, or the Dask cluster at `scheduler` (isbi_unet/cluster.py)."""
+    if scheduler:
+        return DaskExecutor(scheduler, timeout)
     return LocalExecutor() if workers == 1 else PoolExecutor(workers)
 
 
@@ -673,8 +681,8 @@ def begin_output(folder, outputs, print_line, **fields):
     script's is removed as a whole and a new record marked unfinished is written."""
     record, path = read_record(folder, PREDICTIONS), os.path.join(folder, JOURNAL)
     same = record is not None and record.get("finished") is False and record.get("fingerprint") == fields["fingerprint"]
-    files = [n for n in outputs if n.endswith(".tif")]
-    if same and os.path.isfile(path) and all(os.path.isfile(os.path.join(folder, n)) for n in files):
+    files = [n for n in outputs if n.endswith((".tif", ".zarr"))]  # written in place, block by block
+    if same and os.path.isfile(path) and all(os.path.exists(os.path.join(folder, n)) for n in files):
         journal = Journal(path, fields["fingerprint"])
         if journal.finished:
             print_line(f"continuing the stopped run in {folder}: {len(journal.finished)} blocks already finished")
@@ -695,7 +703,15 @@ def make_sinks(folder, source, out_names, shapes, threshold, scores, resume):
     too big for PNGs), prob.tif and mask.tif; the float32 submission.tif where all slices share a size and it fits
     a classic TIFF; the maps in memory when scores are asked for. Returns (sinks, output names)."""
     sinks, outputs = [], []
-    if all(h * w <= PNG_PIXELS for h, w in shapes):
+    if isinstance(source, OmeZarrSource):  # OME-Zarr in, OME-Zarr out: shaped, chunked and scaled like the input
+        sinks += [
+            OmeZarrSink(os.path.join(folder, OMEZARR_OUTPUTS[0]), source, to_prob_8, "prob", resume),
+            OmeZarrSink(
+                os.path.join(folder, OMEZARR_OUTPUTS[1]), source, lambda p: to_mask(p, threshold), "mask", resume
+            ),
+        ]
+        outputs += list(OMEZARR_OUTPUTS)
+    elif all(h * w <= PNG_PIXELS for h, w in shapes):
         sinks.append(PngSink(folder, out_names, shapes, threshold))
         outputs += [*out_names, "prob"]
     if len(set(shapes)) == 1:
@@ -718,7 +734,9 @@ def make_sinks(folder, source, out_names, shapes, threshold, scores, resume):
 def planned_outputs(source, out_names, shapes):
     """The names make_sinks will write, known before anything is made (for the record)."""
     names = []
-    if all(h * w <= PNG_PIXELS for h, w in shapes):
+    if isinstance(source, OmeZarrSource):
+        names += list(OMEZARR_OUTPUTS)
+    elif all(h * w <= PNG_PIXELS for h, w in shapes):
         names += [*out_names, "prob"]
     if len(set(shapes)) == 1:
         if not names or is_stack(source.path):
