@@ -116,16 +116,16 @@ def nodes():
 @pytest.fixture(scope="module")
 def checkpoint(trained_run, tmp_path_factory):
     """The tiny trained model at a path every node sees (one file system, as a cluster's shared storage)."""
-    return shutil.copytree(trained_run, tmp_path_factory.mktemp("model") / "ckpt")
+    return shutil.copytree(trained_run / "last", tmp_path_factory.mktemp("model") / "last")
 
 
 @pytest.fixture
 def cluster(nodes, procs, tmp_path):
     """`dask scheduler` on node 0 and `dask worker` on nodes 1 and 2, as docs/volumes.md starts them."""
     address = f"tcp://{netns.address(0, SUBNET)}:{PORT}"
-    start_scheduler(procs, netns.address(0, SUBNET), PORT, nodes[0], tmp_path)
+    scheduler = start_scheduler(procs, netns.address(0, SUBNET), PORT, nodes[0], tmp_path)
     workers = [start_worker(procs, f"worker{i}", address, netns.address(i, SUBNET), nodes[i], tmp_path) for i in (1, 2)]
-    return address, workers
+    return address, scheduler, workers
 
 
 def predict_on_cluster(procs, nodes, address, checkpoint, volume, res, name="predict"):
@@ -137,7 +137,7 @@ def predict_on_cluster(procs, nodes, address, checkpoint, volume, res, name="pre
 
 
 def test_two_workers_on_two_machines_give_the_one_process_answer(cluster, nodes, procs, checkpoint, tmp_path):
-    address, _ = cluster
+    address, _, _ = cluster
     volume = write_volume(tmp_path / "volume.ome.zarr", depth=4)
     ref = tmp_path / "ref"
     predict_script(checkpoint, volume, ref, *FLAGS, "--workers", 1)
@@ -149,7 +149,7 @@ def test_two_workers_on_two_machines_give_the_one_process_answer(cluster, nodes,
 
 
 def test_a_worker_killed_mid_run_has_its_blocks_redone_and_changes_nothing(cluster, nodes, procs, checkpoint, tmp_path):
-    address, workers = cluster
+    address, scheduler, workers = cluster
     volume = write_volume(tmp_path / "volume.ome.zarr", depth=16)
     ref = tmp_path / "ref"
     predict_script(checkpoint, volume, ref, *FLAGS, "--workers", 1)
@@ -160,6 +160,8 @@ def test_a_worker_killed_mid_run_has_its_blocks_redone_and_changes_nothing(clust
     code, out = procs.wait(run, RUN)
     assert code == 0, out
     assert_same_result(tmp_path / "res", ref)
+    lost = f"Remove worker addr: tcp://{netns.address(2, SUBNET)}:"
+    assert lost in scheduler.log.read_text()  # the scheduler saw it go (and gave its blocks to node 1's)
 
 
 # ------------------------------------------------------------------------------------------ bad clusters, one line
