@@ -15,7 +15,7 @@ pytest.importorskip("ome_zarr")
 from ome_zarr.io import parse_url  # noqa: E402
 from ome_zarr.reader import Reader  # noqa: E402
 
-from conftest import write_omezarr  # noqa: E402
+from conftest import assert_fails, predict_script, write_omezarr  # noqa: E402
 from isbi_unet.blocks import Block, exact_stats, streaming_stats  # noqa: E402
 from isbi_unet.errors import DataError  # noqa: E402
 from isbi_unet.omezarr import OmeZarrSink, OmeZarrSource, is_omezarr  # noqa: E402
@@ -177,3 +177,41 @@ def test_a_resumed_sink_keeps_what_was_written(tmp_path):
     )
     data = zarr.open_array(str(path / "0"), mode="r")[:]
     assert (data[0] == 255).all() and (data[1] == 0).all()
+
+
+# ------------------------------------------------------------------------------------ predict_unet_test.py, end to end
+
+
+def test_predict_writes_ome_zarr_maps_equal_to_the_stacks_and_ome_zarr_opens_them(trained_run, tmp_path):
+    import tifffile
+
+    image = volume((3, 80, 64), np.uint8, seed=2)
+    path = write_omezarr(tmp_path / "v.ome.zarr", image, chunks=(1, 32, 32))
+    tifffile.imwrite(tmp_path / "v.tif", image, photometric="minisblack")
+    flags = ["--device", "cpu", "--workers", 1]
+    out = predict_script(trained_run / "last", path, tmp_path / "out", *flags, "--tile", 32).stdout
+    predict_script(trained_run / "last", tmp_path / "v.tif", tmp_path / "stack", *flags)  # whole slices
+    assert (
+        f"masks in {tmp_path / 'out' / 'mask.ome.zarr'}, probabilities in {tmp_path / 'out' / 'prob.ome.zarr'}" in out
+    )
+    assert sorted(os.listdir(tmp_path / "out")) == ["mask.ome.zarr", "prob.ome.zarr", "run.json", "submission.tif"]
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["finished"] is True
+    for name in ("prob", "mask"):
+        node = list(Reader(parse_url(str(tmp_path / "out" / f"{name}.ome.zarr")))())[0]
+        want = tifffile.imread(tmp_path / "stack" / f"{name}.tif")
+        np.testing.assert_array_equal(np.asarray(node.data[0]), want)  # blocks of 32 px = whole slices, exactly
+        assert node.metadata["coordinateTransformations"] == [[{"type": "scale", "scale": [50.0, 4.0, 4.0]}]]
+    submission = tifffile.imread(tmp_path / "out" / "submission.tif")
+    assert np.abs(submission - tifffile.imread(tmp_path / "stack" / "submission.tif")).max() == 0
+
+
+def test_predict_refuses_more_channels_before_writing_and_a_missing_chunk_in_one_line(trained_run, tmp_path):
+    many = write_omezarr(tmp_path / "rgb.ome.zarr", np.zeros((3, 2, 48, 48), np.uint8), axes="czyx")
+    proc = predict_script(trained_run / "last", many, tmp_path / "out", check=False)
+    assert_fails(proc, many, "3 channels (axis c)")
+    assert not os.path.exists(tmp_path / "out")
+    holed = write_omezarr(tmp_path / "holed.ome.zarr", volume((2, 64, 64)))
+    os.remove(os.path.join(holed, "0", "1", "1", "0"))
+    proc = predict_script(trained_run / "last", holed, tmp_path / "out", "--device", "cpu", check=False)
+    assert_fails(proc, holed, "chunk 0/1/1/0 is missing")
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["finished"] is False  # never taken as a result
