@@ -78,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--max_memory",
         type=float,
-        default=2.0,
+        default=2.5,
         help="GB that prediction may use, all processes together: the block size is chosen from it",
     )
     p.add_argument(

@@ -620,12 +620,12 @@ PNG_PIXELS = 8192 * 8192  # slices up to this size also get NAME.png and prob/NA
 SUBMISSION_BYTES = 2**32 - 2**25  # the float32 ISBI submission stack only while it fits a classic TIFF (4 GB)
 STACKS = ("prob.tif", "mask.tif")
 
-# Peak memory of a forward pass per window pixel, and of a process before its first window (model, runtime),
-# measured with tools/block_memory.py at width 16 (docs/volumes.md); a wider model scales the activations.
-FORWARD_BYTES_PER_PIXEL = {"OneFlow": 300, "ONNX Runtime": 300}
-PROCESS_BYTES = {"OneFlow": 0.45 * GB, "ONNX Runtime": 0.15 * GB}
-PARENT_BYTES = 0.5 * GB  # the parent's own OneFlow import and buffers
+# Peak memory of a forward pass per window pixel, measured with tools/block_memory.py at width 16 (docs/volumes.md):
+# OneFlow's eager CPU convolutions unfold their input (im2col), hence its 4x ONNX Runtime's. Wider models scale.
+FORWARD_BYTES_PER_PIXEL = {"OneFlow": 2530, "ONNX Runtime": 580}
 WIDTH_MEASURED = 16
+PROCESS_BYTES = 0.37 * GB  # a process before its first window: Python, OneFlow's import (spawned workers too), model
+SLICE_BYTES_PER_PIXEL = 6  # the parent per pixel of its largest slice: two slices read (1 B) and their PNG maps (2 B)
 
 
 def forward_bytes_per_pixel(runtimes, width, tta):
@@ -635,29 +635,42 @@ def forward_bytes_per_pixel(runtimes, width, tta):
     return per + (16 if tta else 0)
 
 
+def memory_plan(max_memory_gb, workers, runtimes, width, tta, shapes):
+    """(bytes left for windows, bytes per window pixel over all processes, the largest padded slice's pixels)
+    under --max_memory, all processes together."""
+    largest = max(shapes, key=lambda s: s[0] * s[1])
+    processes = 1 + (workers if workers > 1 else 0)  # the parent, and a pool's workers
+    fixed = processes * PROCESS_BYTES + SLICE_BYTES_PER_PIXEL * largest[0] * largest[1]
+    # each process in flight runs one forward; the parent holds two float32 windows and results per worker
+    per = workers * (forward_bytes_per_pixel(runtimes, width, tta) + 16)
+    hp, wp = padded_shape(largest)
+    return max_memory_gb * GB - fixed, per, hp * wp
+
+
 def choose_side(max_memory_gb, tile, workers, runtimes, width, tta, shapes):
-    """The block core side: --tile checked against --max_memory, or the largest that fits it; one line when the
-    budget cannot hold even a 16-px block or the asked tile."""
-    budget = max_memory_gb * GB - PARENT_BYTES - workers * max(PROCESS_BYTES[r] for r in runtimes)
-    per = forward_bytes_per_pixel(runtimes, width, tta)
-    in_flight = workers + 2 * workers * 4 / per  # the forwards, and the parent's float32 windows waiting for them
+    """The block core side: --tile checked against --max_memory, or the largest that fits it (a whole slice per
+    block where its window fits); one line when the budget cannot hold even a 16-px block or the asked tile."""
+    left, per, whole = memory_plan(max_memory_gb, workers, runtimes, width, tta, shapes)
     largest = max(max(padded_shape(s)) for s in shapes)
     if tile:
-        need = window_pixels(min(tile, largest)) * per * in_flight + max(0.0, GB * max_memory_gb - budget)
-        if need > max_memory_gb * GB:
+        need = min(window_pixels(tile), whole) * per
+        if need > left:
             raise DataError(
-                f"--tile {tile} needs about {need / GB:.1f} GB with {workers} process(es), more than --max_memory "
-                f"{max_memory_gb:g}; pass a smaller --tile (or none: it is then chosen from --max_memory)"
+                f"--tile {tile} needs about {(max_memory_gb * GB - left + need) / GB:.1f} GB with {workers} "
+                f"process(es), more than --max_memory {max_memory_gb:g}; pass a smaller --tile (or none: it is then "
+                "chosen from --max_memory)"
             )
         return min(tile, largest)
-    side = block_side(budget, per, None, HALO, in_flight)
+    if whole * per <= left:
+        return largest
+    side = block_side(left, per, None, HALO)
     if side < POOL:
-        floor = (window_pixels(POOL) * per * in_flight + max_memory_gb * GB - budget) / GB
+        floor = (max_memory_gb * GB - left + window_pixels(POOL) * per) / GB
         raise DataError(
-            f"--max_memory {max_memory_gb:g} GB is too small for {workers} process(es) of this model: it needs at "
-            f"least about {floor:.1f} GB (fewer --workers need less)"
+            f"--max_memory {max_memory_gb:g} GB is too small for {workers} process(es) of this model and these "
+            f"slices: they need at least about {floor:.1f} GB (fewer --workers need less)"
         )
-    return min(side, largest)
+    return side
 
 
 def check_sizes(source):

@@ -9,7 +9,6 @@ side x side window; the bytes per pixel are the growth divided by the window's p
 
 import json
 import os
-import resource
 import subprocess
 import sys
 
