@@ -72,7 +72,9 @@ def forget(client):
 
 
 def first_line(error):
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    """An error's first sentence (distributed's run on over several lines), or its type's name."""
+    text = " ".join(str(error).split())
+    return re.split(r"(?<=\.) ", text)[0].rstrip(".") if text else type(error).__name__
 
 
 def worker_threads(client):
@@ -142,9 +144,12 @@ class DaskExecutor:
                 f"{self.address}: a block's Dask workers died {error.allowed_failures + 1} times (killed, or out of "
                 f"memory: try a smaller --max_memory); {CONTINUE}"
             )
-        unpickled = isinstance(error, ImportError) or "deserializ" in str(error)
-        hint = "; the scheduler and every worker need this repository on their PYTHONPATH" if unpickled else ""
-        raise DataError(f"{self.address}: a Dask worker failed: {type(error).__name__}: {error}{hint}")
+        if isinstance(error, ImportError) or "deserializ" in str(error):  # the code was not found there
+            raise DataError(
+                f"{self.address}: the Dask cluster cannot load this repository's code ({first_line(error)}); the "
+                "scheduler and every worker need it on their PYTHONPATH (docs/volumes.md)"
+            )
+        raise DataError(f"{self.address}: a Dask worker failed: {type(error).__name__}: {first_line(error)}")
 
     def restart(self):
         pass  # Dask redoes a lost worker's blocks itself

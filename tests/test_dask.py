@@ -60,11 +60,11 @@ def wait_for_line(proc, words, timeout=START):
     raise AssertionError(f"no {words!r} after {timeout} s:\n{proc.log.read_text()}")
 
 
-def start_scheduler(procs, host, port, namespace=None, tmp=None):
+def start_scheduler(procs, host, port, namespace=None, tmp=None, env=None):
     proc = procs.start(
         f"scheduler-{host}-{port}",
         [DASK, "scheduler", "--host", host, "--port", port, "--no-dashboard"],
-        env=dask_env(),
+        env=dask_env() if env is None else env,
         cwd=tmp,
         namespace=namespace,
     )
@@ -202,3 +202,13 @@ def test_a_worker_that_cannot_load_the_model_is_one_line_naming_it(checkpoint, p
     proc = predict_script(checkpoint, volume, tmp_path / "res", "--scheduler", address, check=False)
     assert_fails(proc, "Dask worker tcp://127.0.0.1:", str(checkpoint))
     assert worker.poll() is None  # the worker itself carries on, for other jobs
+
+
+def test_a_scheduler_without_this_repository_on_its_pythonpath_is_one_line_saying_so(checkpoint, procs, tmp_path):
+    volume = write_volume(tmp_path / "volume.ome.zarr", depth=1)
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    start_scheduler(procs, "127.0.0.1", port, tmp=tmp_path, env={"PYTHONPATH": ""})
+    start_worker(procs, "worker", address, "127.0.0.1", tmp=tmp_path)
+    proc = predict_script(checkpoint, volume, tmp_path / "res", "--scheduler", address, check=False)
+    assert_fails(proc, address, "cannot load this repository's code", "need it on their PYTHONPATH")
