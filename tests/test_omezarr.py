@@ -215,3 +215,35 @@ def test_predict_refuses_more_channels_before_writing_and_a_missing_chunk_in_one
     proc = predict_script(trained_run / "last", holed, tmp_path / "out", "--device", "cpu", check=False)
     assert_fails(proc, holed, "chunk 0/1/1/0 is missing")
     assert json.loads((tmp_path / "out" / "run.json").read_text())["finished"] is False  # never taken as a result
+
+
+def test_a_killed_run_on_ome_zarr_continues_to_the_uninterrupted_result(trained_run, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    path = write_omezarr(tmp_path / "v.ome.zarr", volume((6, 96, 96), seed=3), chunks=(1, 64, 64))
+    flags = ["--device", "cpu", "--workers", 1, "--tile", 32]  # blocks of 32 px share chunks of 64: partial writes
+    predict_script(trained_run / "last", path, tmp_path / "whole", *flags)
+    args = ["--checkpoint", trained_run / "last", "--Test_Data_path", path, "--save_res_path", tmp_path / "cut"]
+    cmd = [sys.executable, "predict_unet_test.py", *map(str, args), *map(str, flags)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stderr:
+            if line.startswith("predicted 4"):  # about halfway
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        if proc.poll() is None:  # however the loop ended, nothing is left running
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    out = predict_script(trained_run / "last", path, tmp_path / "cut", *flags).stdout
+    assert "continuing the stopped run" in out
+    for name in ("prob.ome.zarr", "mask.ome.zarr"):
+        np.testing.assert_array_equal(
+            zarr.open_array(str(tmp_path / "cut" / name / "0"))[:],
+            zarr.open_array(str(tmp_path / "whole" / name / "0"))[:],
+        )
