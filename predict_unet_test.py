@@ -37,6 +37,8 @@ from isbi_unet.flags import Parser
 from isbi_unet.formats import PREDICTIONS
 from isbi_unet.images import output_names, read_label, slice_names, slice_path
 from isbi_unet.metrics import print_scores
+from isbi_unet.onnx_backend import is_onnx
+from isbi_unet.openvino_backend import ENGINES, ONNX_RUNTIME
 from isbi_unet.outputs import claim_folder
 from isbi_unet.predictor import Spec, threads_per_process, uses_every_core, worker_predictor
 from isbi_unet.record import write_json_record
@@ -100,6 +102,14 @@ def parse_args(argv=None):
         "uses every core itself; else one per CPU core, at most 4)",
     )
     p.add_argument(
+        "--engine",
+        choices=sorted(ENGINES),
+        default=ONNX_RUNTIME,
+        help="what runs .onnx models: ONNX Runtime; OpenVINO in f32 (the same probabilities within 1e-6); or "
+        "OpenVINO in bfloat16 (faster on CPUs with AVX512-BF16, probabilities moved by up to about 0.01: "
+        "docs/volumes.md#engines)",
+    )
+    p.add_argument(
         "--scheduler",
         metavar="ADDRESS",
         help="a Dask scheduler's address, tcp://HOST:PORT: its workers run the blocks (docs/volumes.md); the model "
@@ -144,6 +154,8 @@ def open_predictor(args, device, shapes):
     """Every --checkpoint loaded and checked here, so a bad one fails before any output; --workers defaulted;
     the block side chosen. Returns (predictor, spec, side)."""
     check_tiling(args.tile, 0, 1)
+    if args.engine != ONNX_RUNTIME and not any(map(is_onnx, args.checkpoint)):
+        raise DataError(f"{args.checkpoint[0]}: --engine {args.engine} runs .onnx models (export_onnx.py writes them)")
     one = device.type == "cuda" or uses_every_core(args.checkpoint)
     check_flags(args, positive=("workers",))
     # On a cluster, this process only reads and writes: --max_memory is then each worker process's budget.
@@ -152,7 +164,9 @@ def open_predictor(args, device, shapes):
     if workers > cores:  # more processes than cores only share them, each with its copy of the model
         warn(f"--workers {workers} is more than the {cores} CPU cores here; using {cores}")
         workers = cores
-    spec = Spec(tuple(args.checkpoint), str(device), args.graph, 0, 64, args.tta, threads_per_process(workers))
+    spec = Spec(
+        tuple(args.checkpoint), str(device), args.graph, 0, 64, args.tta, threads_per_process(workers), args.engine
+    )
     predictor = worker_predictor(spec)  # this process's; with one worker, the one that predicts
     if predictor.size:  # a fixed-size ONNX export: a whole slice per block, tiled at its size as before
         spec = spec._replace(tile=args.tile, overlap=args.overlap or 64)
@@ -184,7 +198,7 @@ def main(argv=None):
         spec = on_cluster(spec)
     blocks = plan_volume(source, side)
     outputs = planned_outputs(source, out_names, shapes)
-    settings = {k: getattr(args, k) for k in ("threshold", "tta", "graph", "device")}
+    settings = {k: getattr(args, k) for k in ("threshold", "tta", "graph", "device", "engine")}
     print_line = functools.partial(print, flush=True)
     journal, resumed = begin_output(
         args.save_res_path,

@@ -19,6 +19,7 @@ from isbi_unet.errors import DataError
 from isbi_unet.formats import POOL
 from isbi_unet.images import preprocess
 from isbi_unet.onnx_backend import fixed_tile, is_onnx, load_onnx, onnx_forward
+from isbi_unet.openvino_backend import ENGINES, ONNX_RUNTIME, OpenVinoBackend
 from isbi_unet.tiling import predict_tiled
 
 
@@ -57,14 +58,20 @@ class OnnxBackend:
         self.probabilities = onnx_forward(session)
 
 
-def backend_class(path):
-    """The backend that runs the model at `path`: the one place where model kinds are told apart (by name)."""
-    return OnnxBackend if is_onnx(path) else OneFlowBackend
+def backend_class(path, engine=ONNX_RUNTIME):
+    """The backend that runs the model at `path`: the one place where model kinds are told apart (by name); an
+    ONNX model runs in --engine's runtime."""
+    if not is_onnx(path):
+        return OneFlowBackend
+    return OnnxBackend if engine == ONNX_RUNTIME else OpenVinoBackend
 
 
-def open_model(path, device="cpu", graph=False, threads=None):
+def open_model(path, device="cpu", graph=False, threads=None, engine=ONNX_RUNTIME):
     """The model at `path`, loaded and checked (a bad file is one DataError), behind its backend."""
-    return backend_class(path)(path, device=device, graph=graph, threads=threads)
+    kind = backend_class(path, engine)
+    if kind is OpenVinoBackend:
+        return OpenVinoBackend(path, threads, ENGINES[engine])
+    return kind(path, device=device, graph=graph, threads=threads)
 
 
 def uses_every_core(paths):
@@ -95,6 +102,7 @@ class Spec(NamedTuple):
     overlap: int = 64
     tta: bool = False
     threads: Optional[int] = None
+    engine: str = ONNX_RUNTIME  # what runs the ONNX models (openvino_backend.ENGINES)
 
 
 class Predictor:
@@ -111,7 +119,7 @@ class Predictor:
     @classmethod
     def open(cls, spec):
         """Loads every model of `spec` once, in order; the first bad one raises its DataError."""
-        backends = [open_model(c, spec.device, spec.graph, spec.threads) for c in spec.checkpoints]
+        backends = [open_model(c, spec.device, spec.graph, spec.threads, spec.engine) for c in spec.checkpoints]
         return cls(backends, spec.tile, spec.overlap, spec.tta, spec)
 
     def release(self):
@@ -160,6 +168,8 @@ class Predictor:
         tiles = f", tiles {self.tile}" if self.tile else ""
         graph = ", graph" if self.spec and self.spec.graph else ""
         onnx = ", ONNX Runtime" if OnnxBackend.runtime in self.runtimes else ""
+        vino = [b for b in self.backends if isinstance(b, OpenVinoBackend)]
+        onnx += f", OpenVINO {vino[0].precision}" if vino else ""
         return f"{tiles}{', TTA' if self.tta else ''}{graph}{onnx}"
 
     def describe(self):

@@ -622,7 +622,9 @@ STACKS = ("prob.tif", "mask.tif")
 
 # Peak memory of a forward pass per window pixel, measured with tools/block_memory.py at width 16 (docs/volumes.md):
 # OneFlow's eager CPU convolutions unfold their input (im2col), hence its 4x ONNX Runtime's. Wider models scale.
-FORWARD_BYTES_PER_PIXEL = {"OneFlow": 2530, "ONNX Runtime": 580}
+# OpenVINO peaked below ONNX Runtime (on top of a 64-px warm-up pass, 1024 and 2048 px windows: ONNX Runtime 532,
+# OpenVINO f32 380, bf16 201 bytes per pixel), so ONNX Runtime's figure covers it.
+FORWARD_BYTES_PER_PIXEL = {"OneFlow": 2530, "ONNX Runtime": 580, "OpenVINO": 580}
 WIDTH_MEASURED = 16
 PROCESS_BYTES = 0.37 * GB  # a process before its first window: Python, OneFlow's import (spawned workers too), model
 SLICE_BYTES_PER_PIXEL = 6  # the parent per pixel of its largest slice: two slices read (1 B) and their PNG maps (2 B)
