@@ -2,8 +2,8 @@
 
 ONNX Runtime stays the default engine. Measured side by side on a width-16 export (tools/engines.py, docs/volumes.md):
 OpenVINO in f32 gives the same probabilities within 2e-7 but was not reliably faster on a shared 2-core machine;
-in bf16 (`--engine openvino-bf16`, on CPUs with AVX512-BF16 or AMX) it was 1.3-1.8x faster while probabilities
-moved by up to 0.009 (more than 1/255, so never chosen silently), with ISBI scores of 5 held-out slices within
+in bf16 (`--engine openvino-bf16`, on CPUs with AVX512-BF16 or AMX) it was 1.3-2.1x faster while probabilities
+moved by up to 0.012 (more than 1/255, so never chosen silently), with ISBI scores of 5 held-out slices within
 0.005. The model file is read and checked as ONNX Runtime reads it (its metadata: the record and input size), then
 compiled by OpenVINO's CPU plugin. Needs openvino (requirements-openvino.txt, CPython 3.10+).
 """
