@@ -3,7 +3,7 @@
     python3 predict_unet_test.py --checkpoint checkpoints/best --Test_Data_path data/test --save_res_path results
     python3 predict_unet_test.py --Test_Data_path test-volume.tif --save_res_path results_stack   # the challenge's
     python3 predict_unet_test.py --tta                      # + average over the 8 flips/rotations (8x slower)
-    python3 predict_unet_test.py --tile 256 --overlap 64    # overlap-tile inference, for any image size
+    python3 predict_unet_test.py --max_memory 8             # GB for all processes (default 2.5): bigger blocks
     python3 predict_unet_test.py --Test_Data_path data/train/image --label_path data/train/label   # + scores
     python3 predict_unet_test.py --checkpoint runs/seed0/last runs/seed1/last runs/seed2/last   # an ensemble
     python3 predict_unet_test.py --checkpoint unet.onnx     # ONNX Runtime (export_onnx.py writes unet.onnx)
@@ -12,9 +12,13 @@
 For every input NAME it writes save_res_path/NAME.png, the mask (255 = cell, 0 = membrane, as labels),
 and prob/NAME.png, the cell probability x 255; when all slices share one size, also submission.tif, the
 ISBI 2012 submission (32-bit float cell probabilities); for a stack in, mask.tif and prob.tif too (pages
-named 0, 1, ...). With --label_path it prints V_rand, V_info and pixel error per slice and for the stack.
-Several checkpoints are an ensemble (their probabilities averaged). An .onnx file (export_onnx.py) or a
-bioimage.io package .zip (export_onnx.py --bioimageio) runs in ONNX Runtime, several times faster on a CPU.
+named 0, 1, ...), written block by block; slices over 8192x8192 get only the TIFF stacks. Any size runs in
+blocks chosen from --max_memory (or --tile), each with the context the model needs, standardised with its
+whole slice's statistics: the same probabilities as one whole-image pass (isbi_unet/volume.py). A stopped run
+continues where it stopped when the same command is run again. With --label_path it prints V_rand, V_info
+and pixel error per slice and for the stack. Several checkpoints are an ensemble (their probabilities
+averaged). An .onnx file (export_onnx.py) or a bioimage.io package .zip (export_onnx.py --bioimageio) runs in
+ONNX Runtime, several times faster on a CPU.
 run.json records the model, the settings, versions and code commit, and which files are the results: a
 later run into the same folder replaces them as a whole; a folder holding anything else is refused.
 """

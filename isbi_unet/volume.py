@@ -17,15 +17,19 @@ the model once, die with this process, and whose loss (killed, out of memory) re
 """
 
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from concurrent.futures.process import BrokenProcessPool
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -57,7 +61,8 @@ from isbi_unet.stacks import count_pages, is_stack
 
 JOURNAL = "blocks.journal"  # finished blocks of a stopped run, in the output folder
 POOL_RESTARTS = 2  # a pool that loses a worker is rebuilt this often before the run stops with one line
-PROGRESS_STEP = 0.1  # without a terminal: a line per tenth of the work
+PROGRESS_STEP = 0.1  # without a terminal: a line per tenth of the work ...
+QUIET_SECONDS = 10  # ... once the run has lasted this long
 
 
 # ---------------------------------------------------------------------------------------------------- sources
@@ -415,10 +420,16 @@ def init_worker():
 
 
 class PoolExecutor:
-    """`workers` processes (spawn: OneFlow's threads do not survive a fork), each loading the model once."""
+    """`workers` processes (spawn: OneFlow's threads do not survive a fork), each loading the model once.
+
+    Windows travel through files (spill), not the pool's pipe: a pipe write of megabytes blocks until a worker
+    reads it, and when that worker is killed the writing thread waits forever, and the pool's shutdown (also at
+    exit) with it. A file costs a write and a read per block, small beside its forward pass."""
 
     def __init__(self, workers):
         self.workers = workers
+        self.scratch = tempfile.mkdtemp(prefix="isbi-unet-windows-")
+        self.spilled = {}  # future -> its window files
         self.pool = self.start()
 
     def start(self):
@@ -426,29 +437,53 @@ class PoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context, initializer=init_worker)
 
     def submit(self, fn, *args):
-        return self.pool.submit(fn, *args)
+        args = [spill(a, self.scratch) if isinstance(a, np.ndarray) else a for a in args]
+        future = self.pool.submit(call_spilled, fn, *args)
+        self.spilled[future] = [a for a in args if isinstance(a, Spilled)]
+        return future
 
     def done(self, futures):
-        return concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED).done
+        finished = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED).done
+        for future in finished:
+            for spilled in self.spilled.pop(future, []):
+                with contextlib.suppress(OSError):
+                    os.remove(spilled.path)
+        return finished
 
     def restart(self):
-        self.close()
+        self.stop()
         self.pool = self.start()
 
-    def close(self):
+    def stop(self):
         """Stops every worker now, with SIGKILL: a stopped run does not wait for their blocks, and a worker still
         starting up (its signals as the parent had them: SIGTERM ignored under nohup) must not keep it waiting."""
         processes = list((getattr(self.pool, "_processes", None) or {}).values())
         for p in processes:
             p.kill()
-        # The pool's queue thread may be blocked writing a window to a worker that is gone: joining it (at
-        # shutdown, and at exit) would wait forever (CPython's concurrent.futures does that), so it is let go.
-        queue = getattr(self.pool, "_call_queue", None)
-        if queue is not None:
-            queue.cancel_join_thread()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)
         for p in processes:
             p.join()
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+class Spilled(NamedTuple):
+    """An array saved to a file, for a worker process to load."""
+
+    path: str
+
+
+def spill(array, folder):
+    fd, path = tempfile.mkstemp(suffix=".npy", dir=folder)
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, array)
+    return Spilled(path)
+
+
+def call_spilled(fn, *args):
+    return fn(*[np.load(a.path) if isinstance(a, Spilled) else a for a in args])
 
 
 def make_executor(workers, scheduler=None, timeout=None):
@@ -462,35 +497,35 @@ def make_executor(workers, scheduler=None, timeout=None):
 
 
 class Progress:
-    """A tqdm bar (rate, ETA) on a terminal; else a line per tenth of the pixels (logs, CI)."""
+    """A tqdm bar (rate, ETA) on a terminal (stderr); else, once a run has lasted QUIET_SECONDS, a line on stdout per
+    tenth of the pixels (logs, CI): a run of a few slices says nothing but its summary."""
 
-    def __init__(self, total, done=0, stream=sys.stderr):
-        self.total, self.done, self.stream, self.start = total, done, stream, time.time()
-        self.bar, self.next_line = None, (int(done / total / PROGRESS_STEP) + 1) * PROGRESS_STEP if total else 2.0
-        self.first = done
-        if stream.isatty():
+    def __init__(self, total, done=0):
+        self.total, self.done, self.start, self.first = total, done, time.time(), done
+        self.next_line = PROGRESS_STEP
+        self.bar = None
+        if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=round(total / 1e6, 1), initial=round(done / 1e6, 1), unit="Mpx", file=stream)
+            self.bar = tqdm(total=total / 1e6, initial=done / 1e6, unit="Mpx", unit_scale=False, file=sys.stderr)
 
     def update(self, pixels):
         self.done += pixels
         if self.bar is not None:
-            self.bar.update(round(pixels / 1e6, 3))
+            self.bar.update(pixels / 1e6)
             return
-        fraction = self.done / self.total
-        if fraction + 1e-9 >= self.next_line:
-            seconds = time.time() - self.start
-            rate = (self.done - self.first) / max(seconds, 1e-9)
-            left = (self.total - self.done) / rate if rate else 0
-            print(
-                f"predicted {fraction:.0%} ({self.done / 1e6:.1f} of {self.total / 1e6:.1f} Mpx, "
-                f"{rate / 1e6:.2f} Mpx/s, {left:.0f} s left)",
-                file=self.stream,
-                flush=True,
-            )
-            while self.next_line <= fraction + 1e-9:
-                self.next_line += PROGRESS_STEP
+        fraction, seconds = self.done / self.total, time.time() - self.start
+        if fraction + 1e-9 < self.next_line or seconds < QUIET_SECONDS:
+            return
+        while self.next_line <= fraction + 1e-9:
+            self.next_line += PROGRESS_STEP
+        rate = (self.done - self.first) / seconds
+        left = (self.total - self.done) / rate if rate else 0.0
+        print(
+            f"predicted {fraction:.0%} ({self.done / 1e6:.1f} of {self.total / 1e6:.1f} Mpx, {rate / 1e6:.2f} Mpx/s, "
+            f"about {left:.0f} s left)",
+            flush=True,
+        )
 
     def close(self):
         if self.bar is not None:
