@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -151,6 +152,22 @@ def procs(tmp_path):
     p = Processes(tmp_path)
     yield p
     p.kill_all()
+
+
+def wait_for_blocks(proc, folder, count, timeout=300):
+    """Waits until the prediction `proc` (into `folder`) has finished `count` blocks by its journal
+    (isbi_unet/volume.py: a fingerprint line, then a line per finished block); fails if it ends first."""
+    from isbi_unet.volume import JOURNAL
+
+    journal, deadline = Path(folder) / JOURNAL, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = journal.read_text().count("\n") if journal.is_file() else 0
+        if lines - 1 >= count:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"ended ({proc.returncode}) before {count} blocks were finished")
+        time.sleep(0.02)
+    raise AssertionError(f"fewer than {count} blocks finished after {timeout} s")
 
 
 def node_namespaces(count, prefix, subnet=None):

@@ -25,6 +25,7 @@ from conftest import (
     make_slice,
     node_namespaces,
     predict_script,
+    wait_for_blocks,
     write_omezarr,
 )
 from tools import netns
@@ -154,7 +155,7 @@ def test_a_worker_killed_mid_run_has_its_blocks_redone_and_changes_nothing(clust
     ref = tmp_path / "ref"
     predict_script(checkpoint, volume, ref, *FLAGS, "--workers", 1)
     run = predict_on_cluster(procs, nodes, address, checkpoint, volume, tmp_path / "res")
-    wait_for_line(run, "predicted 10%", RUN)  # both workers have the model and blocks in hand
+    wait_for_blocks(run, tmp_path / "res", 20, RUN)  # of 144: both workers have the model and blocks in hand
     procs.kill(workers[1])  # node 2's worker, as a machine that goes away
     assert run.poll() is None, run.log.read_text()  # killed mid-run
     code, out = procs.wait(run, RUN)

@@ -15,7 +15,7 @@ pytest.importorskip("ome_zarr")
 from ome_zarr.io import parse_url  # noqa: E402
 from ome_zarr.reader import Reader  # noqa: E402
 
-from conftest import assert_fails, predict_script, write_omezarr  # noqa: E402
+from conftest import assert_fails, predict_script, wait_for_blocks, write_omezarr  # noqa: E402
 from isbi_unet.blocks import Block, exact_stats, streaming_stats  # noqa: E402
 from isbi_unet.errors import DataError  # noqa: E402
 from isbi_unet.omezarr import OmeZarrSink, OmeZarrSource, is_omezarr  # noqa: E402
@@ -217,33 +217,19 @@ def test_predict_refuses_more_channels_before_writing_and_a_missing_chunk_in_one
     assert json.loads((tmp_path / "out" / "run.json").read_text())["finished"] is False  # never taken as a result
 
 
-def test_a_killed_run_on_ome_zarr_continues_to_the_uninterrupted_result(trained_run, tmp_path):
-    import signal
-    import subprocess
+def test_a_killed_run_on_ome_zarr_continues_to_the_uninterrupted_result(trained_run, procs, tmp_path):
     import sys
-
-    from conftest import REPO
 
     path = write_omezarr(tmp_path / "v.ome.zarr", volume((6, 96, 96), seed=3), chunks=(1, 64, 64))
     flags = ["--device", "cpu", "--workers", 1, "--tile", 32]  # blocks of 32 px share chunks of 64: partial writes
     predict_script(trained_run / "last", path, tmp_path / "whole", *flags)
     args = ["--checkpoint", trained_run / "last", "--Test_Data_path", path, "--save_res_path", tmp_path / "cut"]
-    cmd = [sys.executable, "predict_unet_test.py", *map(str, args), *map(str, flags)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        for line in proc.stderr:
-            if line.startswith("predicted 4"):  # about halfway
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-    finally:
-        if proc.poll() is None:  # however the loop ended, nothing is left running
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    proc = procs.start("cut", [sys.executable, "predict_unet_test.py", *args, *flags])
+    wait_for_blocks(proc, tmp_path / "cut", 20)  # of 54
+    procs.kill(proc)
+    assert proc.returncode == -9
     out = predict_script(trained_run / "last", path, tmp_path / "cut", *flags).stdout
     assert "continuing the stopped run" in out
     for name in ("prob.ome.zarr", "mask.ome.zarr"):
-        np.testing.assert_array_equal(
-            zarr.open_array(str(tmp_path / "cut" / name / "0"))[:],
-            zarr.open_array(str(tmp_path / "whole" / name / "0"))[:],
-        )
+        cut, whole = (zarr.open_array(str(tmp_path / run / name / "0"))[:] for run in ("cut", "whole"))
+        np.testing.assert_array_equal(cut, whole)
