@@ -163,6 +163,8 @@ def open_predictor(args, device, shapes):
     one = device.type == "cuda" or uses_every_core(args.checkpoint)
     check_flags(args, positive=("workers",))
     # On a cluster, this process only reads and writes: --max_memory is then each worker process's budget.
+    if args.scheduler and args.workers:
+        warn(f"--workers {args.workers} is not used with --scheduler: the cluster's workers run the blocks")
     workers = 1 if args.scheduler else args.workers or default_processes(one)
     cores = len(os.sched_getaffinity(0))
     if workers > cores:  # more processes than cores only share them, each with its copy of the model
