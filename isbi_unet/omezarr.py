@@ -21,7 +21,8 @@ import os
 import numpy as np
 
 from isbi_unet.blocks import EXACT_STATS_PIXELS, STATS_ROWS, exact_stats, streaming_stats
-from isbi_unet.errors import DataError, cannot_write
+from isbi_unet.errors import DataError, cannot_write, warn
+from isbi_unet.images import used_bits
 
 INSTALL = "pip install -r requirements-volumes.txt (CPython 3.10+), or `source setup.sh`"
 NGFF_VERSION = "0.4"
@@ -137,6 +138,7 @@ class OmeZarrSource:
         depth = self.array.shape[self.z_axis] if self.z_axis is not None else 1
         self.names = [str(z) for z in range(depth)]
         self.dtype = self.array.dtype
+        self.warned = False
 
     @property
     def axes(self):
@@ -161,15 +163,19 @@ class OmeZarrSource:
 
     def stats(self, z):
         """Slice z's SliceStats: as images.preprocess computes them for a slice that fits, else streamed in bands
-        of whole chunk rows (each chunk decoded once per pass)."""
+        of whole chunk rows (each chunk decoded once per pass). A 16-bit image's scaling is said once, as a
+        16-bit TIFF's is."""
         h, w = self.shape(z)
         if h * w <= EXACT_STATS_PIXELS:
-            return exact_stats(self.read(z, slice(0, h), slice(0, w)))
-        rows = max(
-            self.array.chunks[self.y_axis],
-            STATS_ROWS // self.array.chunks[self.y_axis] * self.array.chunks[self.y_axis],
-        )
-        return streaming_stats(lambda ys: self.read(z, ys, slice(0, w)), (h, w), self.dtype, rows)
+            stats = exact_stats(self.read(z, slice(0, h), slice(0, w)))
+        else:
+            chunk = self.array.chunks[self.y_axis]
+            rows = max(chunk, STATS_ROWS // chunk * chunk)
+            stats = streaming_stats(lambda ys: self.read(z, ys, slice(0, w)), (h, w), self.dtype, rows)
+        if self.dtype == np.uint16 and not self.warned:
+            self.warned = True
+            warn(f"{self.path}: 16-bit image scaled to 8-bit{used_bits(stats.bits)}")
+        return stats
 
     def describe(self, z):
         return f"{self.path} z {z}" if self.z_axis is not None else self.path
