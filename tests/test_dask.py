@@ -2,8 +2,9 @@
 several machines are: the scheduler and the predicting command on one node, a `dask worker` on each of two others,
 each node in its own network namespace (tools/netns.py) with its own address. Two workers give the one-process
 answer bit for bit; a worker killed mid-run has its blocks redone and changes nothing. A scheduler that does not
-answer, one without workers, and a worker that cannot load the model (its machine lacks the file: the checkpoint
-hidden under an empty tmpfs in its own mount namespace) are one line each, in bounded time.
+answer, one without workers, one that cannot load this repository's code, and a worker that cannot load the model
+(its machine lacks the file: the checkpoint hidden under an empty tmpfs in its own mount namespace) are one line
+each, in bounded time.
 
 The clusters are real `dask scheduler` / `dask worker` processes, each in its own process group, killed with it
 however a test ends; the namespaces go with everything still inside them. Namespaces and mount namespaces need
