@@ -183,7 +183,7 @@ def main(argv=None):
     )
     if "prob" in outputs:
         make_output_dir(os.path.join(args.save_res_path, "prob"), "--save_res_path")
-    sinks, _ = make_sinks(args.save_res_path, source, out_names, shapes, args.threshold, labels is not None, resumed)
+    sinks = make_sinks(args.save_res_path, source, out_names, shapes, args.threshold, labels is not None, resumed)
     note = predictor.tiling_note(shapes)
     if note:
         print(note, flush=True)
@@ -194,7 +194,8 @@ def main(argv=None):
     seconds = time.time() - t0
     end_output(args.save_res_path, journal)
     checkpoint = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint  # as run.json always had
-    blockwise = {"side": side, "halo": HALO, "count": len(blocks), "continued": resumed}
+    core = max(max(b.y1 - b.y0, b.x1 - b.x0) for b in blocks)
+    blockwise = {"side": side, "core": core, "halo": HALO, "count": len(blocks), "continued": resumed}
     record = {"args": {**vars(args), "checkpoint": checkpoint}, **predictor.record(), "blocks": blockwise}
     path = os.path.join(args.save_res_path, PREDICTIONS)
     write_json_record(path, {**record, "finished": True, "outputs": sorted(outputs)}, device)

@@ -108,9 +108,8 @@ class TiffSource:
     (blocks.SliceStats); each conversion is said once per stack."""
 
     def __init__(self, path):
-        import tifffile
-
         self.path = path
+        tifffile = import_tifffile()
         count_pages(path)  # a truncated file or page table is one line before anything is read
         try:
             self.tiff = tifffile.TiffFile(path)
@@ -172,6 +171,14 @@ class TiffSource:
 
     def describe(self, z):
         return f"{self.path} page {z}"
+
+
+def import_tifffile():
+    try:
+        import tifffile
+    except ImportError:
+        raise DataError("TIFF stacks need tifffile, which is not installed: pip install -r requirements.txt") from None
+    return tifffile
 
 
 @functools.lru_cache(maxsize=2)
@@ -719,8 +726,8 @@ def begin_output(folder, outputs, print_line, **fields):
     script's is removed as a whole and a new record marked unfinished is written."""
     record, path = read_record(folder, PREDICTIONS), os.path.join(folder, JOURNAL)
     same = record is not None and record.get("finished") is False and record.get("fingerprint") == fields["fingerprint"]
-    files = [n for n in outputs if n.endswith(".tif")]
-    if same and os.path.isfile(path) and all(os.path.isfile(os.path.join(folder, n)) for n in files):
+    files = [n for n in outputs if not n.endswith(".png") and n != "prob"]  # made whole at the start
+    if same and os.path.isfile(path) and all(os.path.exists(os.path.join(folder, n)) for n in files):
         journal = Journal(path, fields["fingerprint"])
         if journal.finished:
             print_line(f"continuing the stopped run in {folder}: {len(journal.finished)} blocks already finished")
@@ -736,39 +743,54 @@ def end_output(folder, journal):
     os.remove(journal.path)
 
 
-def make_sinks(folder, source, out_names, shapes, threshold, scores, resume):
-    """The outputs of a prediction: per-slice PNGs where slices are small enough; for a stack input (or slices
-    too big for PNGs), prob.tif and mask.tif; the float32 submission.tif where all slices share a size and it fits
-    a classic TIFF; the maps in memory when scores are asked for. Returns (sinks, output names)."""
-    sinks, outputs = [], []
+def png_sinks(folder, source, out_names, shapes, threshold, resume):
+    return [PngSink(folder, out_names, shapes, threshold)]
+
+
+def stack_sinks(folder, source, out_names, shapes, threshold, resume):
+    zhw, (prob, mask) = (len(shapes), *shapes[0]), (os.path.join(folder, n) for n in STACKS)
+    return [
+        TiffSink(prob, zhw, np.uint8, to_prob_8, resume),
+        TiffSink(mask, zhw, np.uint8, functools.partial(to_mask, threshold=threshold), resume),
+    ]
+
+
+def submission_sinks(folder, source, out_names, shapes, threshold, resume):
+    clip = functools.partial(np.clip, a_min=0.0, a_max=1.0)
+    return [TiffSink(os.path.join(folder, "submission.tif"), (len(shapes), *shapes[0]), np.float32, clip, resume)]
+
+
+# Other outputs register here: (names(source, shapes) -> names it writes or [], make(folder, source, out_names,
+# shapes, threshold, resume) -> sinks), after the built-in ones below.
+OUTPUTS = []
+
+
+def output_plan(source, out_names, shapes):
+    """[(names, make)]: per-slice PNGs where slices are small enough; for a stack input (or slices too big for
+    PNGs), prob.tif and mask.tif; the float32 submission.tif where all slices share a size and it fits a classic
+    TIFF; then any registered outputs."""
+    plan = []
     if all(h * w <= PNG_PIXELS for h, w in shapes):
-        sinks.append(PngSink(folder, out_names, shapes, threshold))
-        outputs += [*out_names, "prob"]
+        plan.append(([*out_names, "prob"], png_sinks))
     if len(set(shapes)) == 1:
-        zhw = (len(shapes), *shapes[0])
-        if not sinks or is_stack(source.path):
-            sinks.append(TiffSink(os.path.join(folder, STACKS[0]), zhw, np.uint8, to_prob_8, resume))
-            sinks.append(
-                TiffSink(os.path.join(folder, STACKS[1]), zhw, np.uint8, lambda p: to_mask(p, threshold), resume)
-            )
-            outputs += list(STACKS)
-        if int(np.prod(zhw)) * 4 <= SUBMISSION_BYTES:
-            clip = functools.partial(np.clip, a_min=0.0, a_max=1.0)
-            sinks.append(TiffSink(os.path.join(folder, "submission.tif"), zhw, np.float32, clip, resume))
-            outputs.append("submission.tif")
-    if scores:
-        sinks.append(ArraySink(shapes))
-    return sinks, outputs
+        if not plan or is_stack(source.path):
+            plan.append((list(STACKS), stack_sinks))
+        if len(shapes) * shapes[0][0] * shapes[0][1] * 4 <= SUBMISSION_BYTES:
+            plan.append((["submission.tif"], submission_sinks))
+    plan += [(names(source, shapes), make) for names, make in OUTPUTS if names(source, shapes)]
+    return plan
 
 
 def planned_outputs(source, out_names, shapes):
-    """The names make_sinks will write, known before anything is made (for the record)."""
-    names = []
-    if all(h * w <= PNG_PIXELS for h, w in shapes):
-        names += [*out_names, "prob"]
-    if len(set(shapes)) == 1:
-        if not names or is_stack(source.path):
-            names += list(STACKS)
-        if len(shapes) * shapes[0][0] * shapes[0][1] * 4 <= SUBMISSION_BYTES:
-            names.append("submission.tif")
-    return names
+    """The names the run writes in its folder, known before anything is made (for the record)."""
+    return [name for names, _ in output_plan(source, out_names, shapes) for name in names]
+
+
+def make_sinks(folder, source, out_names, shapes, threshold, scores, resume):
+    """Every output's sinks (files made, or reopened to continue), and the maps in memory when scores are asked."""
+    sinks = [
+        s
+        for _, make in output_plan(source, out_names, shapes)
+        for s in make(folder, source, out_names, shapes, threshold, resume)
+    ]
+    return sinks + ([ArraySink(shapes)] if scores else [])
