@@ -3,7 +3,7 @@
     python3 predict_unet_test.py --checkpoint checkpoints/best --Test_Data_path data/test --save_res_path results
     python3 predict_unet_test.py --Test_Data_path test-volume.tif --save_res_path results_stack   # the challenge's
     python3 predict_unet_test.py --tta                      # + average over the 8 flips/rotations (8x slower)
-    python3 predict_unet_test.py --max_memory 8             # GB for all processes (default 2.5): bigger blocks
+    python3 predict_unet_test.py --max_memory 8             # GB for all processes (default 2.75): bigger blocks
     python3 predict_unet_test.py --Test_Data_path data/train/image --label_path data/train/label   # + scores
     python3 predict_unet_test.py --checkpoint runs/seed0/last runs/seed1/last runs/seed2/last   # an ensemble
     python3 predict_unet_test.py --checkpoint unet.onnx     # ONNX Runtime (export_onnx.py writes unet.onnx)
@@ -82,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--max_memory",
         type=float,
-        default=2.5,
+        default=2.75,
         help="GB that prediction may use, all processes together: the block size is chosen from it",
     )
     p.add_argument(

@@ -656,8 +656,13 @@ STACKS = ("prob.tif", "mask.tif")
 # OneFlow's eager CPU convolutions unfold their input (im2col), hence its 4x ONNX Runtime's. Wider models scale.
 FORWARD_BYTES_PER_PIXEL = {"OneFlow": 2530, "ONNX Runtime": 580}
 WIDTH_MEASURED = 16
-PROCESS_BYTES = 0.37 * GB  # a process before its first window: Python, OneFlow's import (spawned workers too), model
-SLICE_BYTES_PER_PIXEL = 6  # the parent per pixel of its largest slice: two slices read (1 B) and their PNG maps (2 B)
+PROCESS_BYTES = 0.37 * GB  # the parent before its first window: Python, OneFlow's import, the model
+# A pool worker: the same (a spawned worker imports the script, and so OneFlow) and about 130 MB more, from the
+# peaks measured with 2 workers (benchmark.py --volume: 2.3 GB for ONNX, 2.7 GB for OneFlow at 2.5 GB).
+WORKER_BYTES = 0.5 * GB
+# The parent per pixel of its largest slice: two slices read (1 B each) and their PNG maps (2 B each), and what
+# the 8192x8192 section's measured peak showed beyond the estimate (2.69 GB measured, 2.24 GB estimated).
+SLICE_BYTES_PER_PIXEL = 8
 
 
 def forward_bytes_per_pixel(runtimes, width, tta):
@@ -671,8 +676,8 @@ def memory_plan(max_memory_gb, workers, runtimes, width, tta, shapes):
     """(bytes left for windows, bytes per window pixel over all processes, the largest padded slice's pixels)
     under --max_memory, all processes together."""
     largest = max(shapes, key=lambda s: s[0] * s[1])
-    processes = 1 + (workers if workers > 1 else 0)  # the parent, and a pool's workers
-    fixed = processes * PROCESS_BYTES + SLICE_BYTES_PER_PIXEL * largest[0] * largest[1]
+    pool = workers if workers > 1 else 0  # one worker runs in the parent
+    fixed = PROCESS_BYTES + pool * WORKER_BYTES + SLICE_BYTES_PER_PIXEL * largest[0] * largest[1]
     # each process in flight runs one forward; the parent holds two float32 windows and results per worker
     per = workers * (forward_bytes_per_pixel(runtimes, width, tta) + 16)
     hp, wp = padded_shape(largest)
