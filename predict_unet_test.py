@@ -3,7 +3,7 @@
     python3 predict_unet_test.py --checkpoint checkpoints/best --Test_Data_path data/test --save_res_path results
     python3 predict_unet_test.py --Test_Data_path test-volume.tif --save_res_path results_stack   # the challenge's
     python3 predict_unet_test.py --tta                      # + average over the 8 flips/rotations (8x slower)
-    python3 predict_unet_test.py --max_memory 8             # GB for all processes (default 2.5): bigger blocks
+    python3 predict_unet_test.py --max_memory 8             # GB for all processes (default 2.75): bigger blocks
     python3 predict_unet_test.py --Test_Data_path data/train/image --label_path data/train/label   # + scores
     python3 predict_unet_test.py --checkpoint runs/seed0/last runs/seed1/last runs/seed2/last   # an ensemble
     python3 predict_unet_test.py --checkpoint unet.onnx     # ONNX Runtime (export_onnx.py writes unet.onnx)
@@ -84,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--max_memory",
         type=float,
-        default=2.5,
+        default=2.75,
         help="GB that prediction may use, all processes together: the block size is chosen from it",
     )
     p.add_argument(
@@ -215,7 +215,7 @@ def main(argv=None):
     )
     if "prob" in outputs:
         make_output_dir(os.path.join(args.save_res_path, "prob"), "--save_res_path")
-    sinks, _ = make_sinks(args.save_res_path, source, out_names, shapes, args.threshold, labels is not None, resumed)
+    sinks = make_sinks(args.save_res_path, source, out_names, shapes, args.threshold, labels is not None, resumed)
     note = predictor.tiling_note(shapes)
     if note:
         print(note, flush=True)
@@ -226,7 +226,8 @@ def main(argv=None):
     seconds = time.time() - t0
     end_output(args.save_res_path, journal)
     checkpoint = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint  # as run.json always had
-    blockwise = {"side": side, "halo": HALO, "count": len(blocks), "continued": resumed}
+    core = max(max(b.y1 - b.y0, b.x1 - b.x0) for b in blocks)
+    blockwise = {"side": side, "core": core, "halo": HALO, "count": len(blocks), "continued": resumed}
     record = {"args": {**vars(args), "checkpoint": checkpoint}, **predictor.record(), "blocks": blockwise}
     path = os.path.join(args.save_res_path, PREDICTIONS)
     write_json_record(path, {**record, "finished": True, "outputs": sorted(outputs)}, device)

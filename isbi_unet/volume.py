@@ -111,9 +111,8 @@ class TiffSource:
     (blocks.SliceStats); each conversion is said once per stack."""
 
     def __init__(self, path):
-        import tifffile
-
         self.path = path
+        tifffile = import_tifffile()
         count_pages(path)  # a truncated file or page table is one line before anything is read
         try:
             self.tiff = tifffile.TiffFile(path)
@@ -175,6 +174,14 @@ class TiffSource:
 
     def describe(self, z):
         return f"{self.path} page {z}"
+
+
+def import_tifffile():
+    try:
+        import tifffile
+    except ImportError:
+        raise DataError("TIFF stacks need tifffile, which is not installed: pip install -r requirements.txt") from None
+    return tifffile
 
 
 @functools.lru_cache(maxsize=2)
@@ -661,8 +668,13 @@ STACKS = ("prob.tif", "mask.tif")
 # OpenVINO f32 380, bf16 201 bytes per pixel), so ONNX Runtime's figure covers it.
 FORWARD_BYTES_PER_PIXEL = {"OneFlow": 2530, "ONNX Runtime": 580, "OpenVINO": 580}
 WIDTH_MEASURED = 16
-PROCESS_BYTES = 0.37 * GB  # a process before its first window: Python, OneFlow's import (spawned workers too), model
-SLICE_BYTES_PER_PIXEL = 6  # the parent per pixel of its largest slice: two slices read (1 B) and their PNG maps (2 B)
+PROCESS_BYTES = 0.37 * GB  # the parent before its first window: Python, OneFlow's import, the model
+# A pool worker: the same (a spawned worker imports the script, and so OneFlow) and about 130 MB more, from the
+# peaks measured with 2 workers (benchmark.py --volume: 2.3 GB for ONNX, 2.7 GB for OneFlow at 2.5 GB).
+WORKER_BYTES = 0.5 * GB
+# The parent per pixel of its largest slice: two slices read (1 B each) and their PNG maps (2 B each), and what
+# the 8192x8192 section's measured peak showed beyond the estimate (2.69 GB measured, 2.24 GB estimated).
+SLICE_BYTES_PER_PIXEL = 8
 
 
 def forward_bytes_per_pixel(runtimes, width, tta):
@@ -676,8 +688,8 @@ def memory_plan(max_memory_gb, workers, runtimes, width, tta, shapes):
     """(bytes left for windows, bytes per window pixel over all processes, the largest padded slice's pixels)
     under --max_memory, all processes together."""
     largest = max(shapes, key=lambda s: s[0] * s[1])
-    processes = 1 + (workers if workers > 1 else 0)  # the parent, and a pool's workers
-    fixed = processes * PROCESS_BYTES + SLICE_BYTES_PER_PIXEL * largest[0] * largest[1]
+    pool = workers if workers > 1 else 0  # one worker runs in the parent
+    fixed = PROCESS_BYTES + pool * WORKER_BYTES + SLICE_BYTES_PER_PIXEL * largest[0] * largest[1]
     # each process in flight runs one forward; the parent holds two float32 windows and results per worker
     per = workers * (forward_bytes_per_pixel(runtimes, width, tta) + 16)
     hp, wp = padded_shape(largest)
@@ -731,7 +743,7 @@ def begin_output(folder, outputs, print_line, **fields):
     script's is removed as a whole and a new record marked unfinished is written."""
     record, path = read_record(folder, PREDICTIONS), os.path.join(folder, JOURNAL)
     same = record is not None and record.get("finished") is False and record.get("fingerprint") == fields["fingerprint"]
-    files = [n for n in outputs if n.endswith((".tif", ".zarr"))]  # written in place, block by block
+    files = [n for n in outputs if not n.endswith(".png") and n != "prob"]  # made whole at the start
     if same and os.path.isfile(path) and all(os.path.exists(os.path.join(folder, n)) for n in files):
         journal = Journal(path, fields["fingerprint"])
         if journal.finished:
@@ -748,49 +760,67 @@ def end_output(folder, journal):
     os.remove(journal.path)
 
 
-def make_sinks(folder, source, out_names, shapes, threshold, scores, resume):
-    """The outputs of a prediction: per-slice PNGs where slices are small enough; for a stack input (or slices
-    too big for PNGs), prob.tif and mask.tif; the float32 submission.tif where all slices share a size and it fits
-    a classic TIFF; the maps in memory when scores are asked for. Returns (sinks, output names)."""
-    sinks, outputs = [], []
-    if isinstance(source, OmeZarrSource):  # OME-Zarr in, OME-Zarr out: shaped, chunked and scaled like the input
-        sinks += [
-            OmeZarrSink(os.path.join(folder, OMEZARR_OUTPUTS[0]), source, to_prob_8, "prob", resume),
-            OmeZarrSink(
-                os.path.join(folder, OMEZARR_OUTPUTS[1]), source, lambda p: to_mask(p, threshold), "mask", resume
-            ),
-        ]
-        outputs += list(OMEZARR_OUTPUTS)
-    elif all(h * w <= PNG_PIXELS for h, w in shapes):
-        sinks.append(PngSink(folder, out_names, shapes, threshold))
-        outputs += [*out_names, "prob"]
+def png_sinks(folder, source, out_names, shapes, threshold, resume):
+    return [PngSink(folder, out_names, shapes, threshold)]
+
+
+def stack_sinks(folder, source, out_names, shapes, threshold, resume):
+    zhw, (prob, mask) = (len(shapes), *shapes[0]), (os.path.join(folder, n) for n in STACKS)
+    return [
+        TiffSink(prob, zhw, np.uint8, to_prob_8, resume),
+        TiffSink(mask, zhw, np.uint8, functools.partial(to_mask, threshold=threshold), resume),
+    ]
+
+
+def submission_sinks(folder, source, out_names, shapes, threshold, resume):
+    clip = functools.partial(np.clip, a_min=0.0, a_max=1.0)
+    return [TiffSink(os.path.join(folder, "submission.tif"), (len(shapes), *shapes[0]), np.float32, clip, resume)]
+
+
+def omezarr_outputs(source, shapes):
+    return list(OMEZARR_OUTPUTS) if isinstance(source, OmeZarrSource) else []
+
+
+def omezarr_sinks(folder, source, out_names, shapes, threshold, resume):
+    """prob.ome.zarr and mask.ome.zarr, shaped, chunked and scaled like the OME-Zarr input (isbi_unet/omezarr.py)."""
+    prob, mask = (os.path.join(folder, n) for n in OMEZARR_OUTPUTS)
+    return [
+        OmeZarrSink(prob, source, to_prob_8, "prob", resume),
+        OmeZarrSink(mask, source, functools.partial(to_mask, threshold=threshold), "mask", resume),
+    ]
+
+
+# Other outputs register here: (names(source, shapes) -> names it writes or [], make(folder, source, out_names,
+# shapes, threshold, resume) -> sinks). A registered output stands in for the PNGs and prob/mask stacks.
+OUTPUTS = [(omezarr_outputs, omezarr_sinks)]
+
+
+def output_plan(source, out_names, shapes):
+    """[(names, make)]: the registered outputs that apply (OME-Zarr maps for an OME-Zarr input); else per-slice
+    PNGs where slices are small enough, and for a stack input (or slices too big for PNGs) prob.tif and mask.tif;
+    the float32 submission.tif where all slices share a size and it fits a classic TIFF."""
+    registered = [(names(source, shapes), make) for names, make in OUTPUTS if names(source, shapes)]
+    plan = []
+    if not registered and all(h * w <= PNG_PIXELS for h, w in shapes):
+        plan.append(([*out_names, "prob"], png_sinks))
     if len(set(shapes)) == 1:
-        zhw = (len(shapes), *shapes[0])
-        if not sinks or is_stack(source.path):
-            sinks.append(TiffSink(os.path.join(folder, STACKS[0]), zhw, np.uint8, to_prob_8, resume))
-            sinks.append(
-                TiffSink(os.path.join(folder, STACKS[1]), zhw, np.uint8, lambda p: to_mask(p, threshold), resume)
-            )
-            outputs += list(STACKS)
-        if int(np.prod(zhw)) * 4 <= SUBMISSION_BYTES:
-            clip = functools.partial(np.clip, a_min=0.0, a_max=1.0)
-            sinks.append(TiffSink(os.path.join(folder, "submission.tif"), zhw, np.float32, clip, resume))
-            outputs.append("submission.tif")
-    if scores:
-        sinks.append(ArraySink(shapes))
-    return sinks, outputs
+        if not (plan or registered) or is_stack(source.path):
+            plan.append((list(STACKS), stack_sinks))
+        if len(shapes) * shapes[0][0] * shapes[0][1] * 4 <= SUBMISSION_BYTES:
+            plan.append((["submission.tif"], submission_sinks))
+    return registered + plan
 
 
 def planned_outputs(source, out_names, shapes):
-    """The names make_sinks will write, known before anything is made (for the record)."""
-    names = []
-    if isinstance(source, OmeZarrSource):
-        names += list(OMEZARR_OUTPUTS)
-    elif all(h * w <= PNG_PIXELS for h, w in shapes):
-        names += [*out_names, "prob"]
-    if len(set(shapes)) == 1:
-        if not names or is_stack(source.path):
-            names += list(STACKS)
-        if len(shapes) * shapes[0][0] * shapes[0][1] * 4 <= SUBMISSION_BYTES:
-            names.append("submission.tif")
-    return names
+    """The names the run writes in its folder, known before anything is made (for the record)."""
+    return [name for names, _ in output_plan(source, out_names, shapes) for name in names]
+
+
+def make_sinks(folder, source, out_names, shapes, threshold, scores, resume):
+    """Every output's sinks (files made, or reopened to continue), and the maps in memory when scores are asked."""
+    sinks = [
+        s
+        for _, make in output_plan(source, out_names, shapes)
+        for s in make(folder, source, out_names, shapes, threshold, resume)
+    ]
+    return sinks + ([ArraySink(shapes)] if scores else [])

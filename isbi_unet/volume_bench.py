@@ -104,7 +104,7 @@ def predict_row(script, checkpoint, stack, out, workers, extra, pixels):
         "seconds": seconds,
         "mpx_per_s": pixels / 1e6 / seconds,
         "peak_mb": peak / 2**20,
-        "block_side": blocks["side"],
+        "block_side": blocks["core"],
         "blocks": blocks["count"],
     }
 
