@@ -50,7 +50,7 @@ from isbi_unet.blocks import (
 )
 from isbi_unet.errors import DataError, Interrupted, cannot_write, warn
 from isbi_unet.formats import POOL, PREDICTIONS
-from isbi_unet.images import CHANNELS, list_images, read_slice, used_bits, write_png
+from isbi_unet.images import CHANNELS, list_images, read_gray, used_bits, write_png
 from isbi_unet.outputs import read_record, start_output
 from isbi_unet.predictor import worker_predictor
 from isbi_unet.runtime import tie_to_launcher
@@ -74,9 +74,10 @@ class FolderSource:
         self.names = list_images(path)
         self.dtype = np.dtype(np.uint8)
         self._shapes = {}
+        self.warned = {}  # name -> conversions said
 
     def slice(self, z):
-        return _read_whole(self.path, self.names[z])
+        return _read_whole(self, z)
 
     def shape(self, z):
         if z not in self._shapes:
@@ -97,8 +98,10 @@ class FolderSource:
 
 
 @functools.lru_cache(maxsize=2)
-def _read_whole(folder, name):
-    return read_slice(folder, name)
+def _read_whole(source, z):
+    """Slice z of a FolderSource, converted as images.read_gray does, each conversion said once per file."""
+    name = source.names[z]
+    return read_gray(os.path.join(source.path, name), source.warned.setdefault(name, set()))
 
 
 class TiffSource:
