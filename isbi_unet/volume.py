@@ -590,6 +590,11 @@ class Engine:
                     warn("a prediction worker died (killed, or out of memory); its blocks are redone")
                     self.executor.restart()
                     queue = [b for b in reversed(todo) if b not in self.journal.finished and b not in self.written]
+        except MemoryError:  # the machine had less than --max_memory free: one line, the finished blocks kept
+            raise DataError(
+                f"out of memory after {len(self.journal.finished)} of {len(blocks)} blocks; pass a smaller "
+                "--max_memory or fewer --workers (a run with the same blocks continues from the finished ones)"
+            ) from None
         except KeyboardInterrupt:
             done, count = len(self.journal.finished), len(blocks)
             print(f"stopped with {done} of {count} blocks finished: the same command continues the run", flush=True)
