@@ -51,7 +51,7 @@ from isbi_unet.blocks import (
 from isbi_unet.cluster import DaskExecutor
 from isbi_unet.errors import DataError, Interrupted, cannot_write, warn
 from isbi_unet.formats import POOL, PREDICTIONS
-from isbi_unet.images import CHANNELS, list_images, read_slice, used_bits, write_png
+from isbi_unet.images import CHANNELS, list_images, read_gray, used_bits, write_png
 from isbi_unet.omezarr import OUTPUTS as OMEZARR_OUTPUTS
 from isbi_unet.omezarr import OmeZarrSink, OmeZarrSource, is_omezarr
 from isbi_unet.outputs import read_record, start_output
@@ -77,9 +77,10 @@ class FolderSource:
         self.names = list_images(path)
         self.dtype = np.dtype(np.uint8)
         self._shapes = {}
+        self.warned = {}  # name -> conversions said
 
     def slice(self, z):
-        return _read_whole(self.path, self.names[z])
+        return _read_whole(self, z)
 
     def shape(self, z):
         if z not in self._shapes:
@@ -100,8 +101,10 @@ class FolderSource:
 
 
 @functools.lru_cache(maxsize=2)
-def _read_whole(folder, name):
-    return read_slice(folder, name)
+def _read_whole(source, z):
+    """Slice z of a FolderSource, converted as images.read_gray does, each conversion said once per file."""
+    name = source.names[z]
+    return read_gray(os.path.join(source.path, name), source.warned.setdefault(name, set()))
 
 
 class TiffSource:
@@ -597,6 +600,11 @@ class Engine:
                     warn("a prediction worker died (killed, or out of memory); its blocks are redone")
                     self.executor.restart()
                     queue = [b for b in reversed(todo) if b not in self.journal.finished and b not in self.written]
+        except MemoryError:  # the machine had less than --max_memory free: one line, the finished blocks kept
+            raise DataError(
+                f"out of memory after {len(self.journal.finished)} of {len(blocks)} blocks; pass a smaller "
+                "--max_memory or fewer --workers (a run with the same blocks continues from the finished ones)"
+            ) from None
         except KeyboardInterrupt:
             done, count = len(self.journal.finished), len(blocks)
             print(f"stopped with {done} of {count} blocks finished: the same command continues the run", flush=True)
