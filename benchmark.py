@@ -7,6 +7,12 @@
     python3 benchmark.py --setting cpu --modes ddp2,graph_ddp2 --width 8   # data-parallel graph; another width
     python3 benchmark.py --modes onnx --setting cpu --width 16   # ONNX Runtime inference only, width 16 / 64
     python3 benchmark.py --modes onnx --setting article
+    python3 benchmark.py --volume --checkpoint unet.onnx --side 2048 --sizes_mb 64,256,1024 --workers 1,2,4
+
+`--volume` times predict_unet_test.py itself on TIFF stacks of --side x --side pages tiled from real slices
+(--slices), megapixels per second and the peak memory of all its processes together, for each stack size and
+worker count (isbi_unet/volume_bench.py; docs/volumes.md has the measured tables); with --whole_memory, the
+smallest stack also runs with that --max_memory (one block per slice), for the blockwise overhead.
 
 Settings: `cpu` is the CPU recipe (width 16, 256x256 crops, batch 4); `article` is the article's model
 (width 64, whole 512x512 slices, batch 1). A training step is forward + BCE loss + backward + Adam on
@@ -26,9 +32,11 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from isbi_unet.device import select_device  # OneFlow is imported only where a measurement needs it
@@ -73,6 +81,14 @@ def parse_args(argv=None):
     p.add_argument("--torch_python", help="a Python interpreter with PyTorch: time the same U-Net there too")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--volume", action="store_true", help="time predict_unet_test.py on stacks (see above)")
+    p.add_argument("--checkpoint", default="checkpoints/best", help="--volume: the model (checkpoint, .onnx, .zip)")
+    p.add_argument("--slices", default="data/train/image", help="--volume: the slices the stacks are tiled from")
+    p.add_argument("--side", type=int, default=2048, help="--volume: the stacks' page side")
+    p.add_argument("--sizes_mb", default="64,256,1024", help="--volume: comma-separated stack sizes in MB")
+    p.add_argument("--workers", default="1,2,4", help="--volume: comma-separated --workers values")
+    p.add_argument("--whole_memory", type=float, help="--volume: also the smallest stack at this --max_memory")
+    p.add_argument("--scratch", default="/tmp", help="--volume: where the stacks and outputs are made (and removed)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: framework:mode:setting, prints one JSON line
     return p.parse_args(argv)
 
@@ -270,6 +286,8 @@ def main(argv=None):
         check_output_dir(os.path.dirname(os.path.abspath(args.json)), "--json")
         if os.path.exists(args.json) and not args.overwrite:
             raise DataError(f"{args.json}: --json exists; choose another name or pass --overwrite to replace it")
+    if args.volume:
+        return volume_mode(args)
     select_device(args.device)  # a missing GPU is refused here, once, not in every worker
     modes = [m for m in args.modes.split(",") if m] + (["graph_amp"] if args.amp else [])
     settings = list(SETTINGS) if args.setting == "all" else [args.setting]
@@ -288,6 +306,36 @@ def main(argv=None):
     if args.json:
         with atomic_write(args.json, "the results") as tmp, open(tmp, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def volume_mode(args):
+    """--volume: the table of predict_unet_test.py's speed and memory on stacks (isbi_unet/volume_bench.py)."""
+    from isbi_unet.volume_bench import print_volume_table, volume_benchmark
+
+    sizes, workers = (numbers(v, flag) for v, flag in ((args.sizes_mb, "--sizes_mb"), (args.workers, "--workers")))
+    scratch = tempfile.mkdtemp(prefix="volume-benchmark-", dir=args.scratch)
+    try:
+        script = os.path.join(HERE, "predict_unet_test.py")
+        rows = volume_benchmark(
+            script, args.checkpoint, args.slices, scratch, args.side, sizes, workers, args.whole_memory
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"{os.cpu_count()} CPU cores, model {args.checkpoint}")
+    print_volume_table(rows)
+    if args.json:
+        with atomic_write(args.json, "the results") as tmp, open(tmp, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def numbers(text, flag):
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise DataError(f"{flag} must be comma-separated positive whole numbers, got {text!r}")
+    return values
 
 
 if __name__ == "__main__":

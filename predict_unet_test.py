@@ -3,7 +3,7 @@
     python3 predict_unet_test.py --checkpoint checkpoints/best --Test_Data_path data/test --save_res_path results
     python3 predict_unet_test.py --Test_Data_path test-volume.tif --save_res_path results_stack   # the challenge's
     python3 predict_unet_test.py --tta                      # + average over the 8 flips/rotations (8x slower)
-    python3 predict_unet_test.py --tile 256 --overlap 64    # overlap-tile inference, for any image size
+    python3 predict_unet_test.py --max_memory 8             # GB for all processes (default 2.75): bigger blocks
     python3 predict_unet_test.py --Test_Data_path data/train/image --label_path data/train/label   # + scores
     python3 predict_unet_test.py --checkpoint runs/seed0/last runs/seed1/last runs/seed2/last   # an ensemble
     python3 predict_unet_test.py --checkpoint unet.onnx     # ONNX Runtime (export_onnx.py writes unet.onnx)
@@ -12,12 +12,15 @@
 For every input NAME it writes save_res_path/NAME.png, the mask (255 = cell, 0 = membrane, as labels),
 and prob/NAME.png, the cell probability x 255; when all slices share one size, also submission.tif, the
 ISBI 2012 submission (32-bit float cell probabilities); for a stack in, mask.tif and prob.tif too (pages
-named 0, 1, ...). With --label_path it prints V_rand, V_info and pixel error per slice and for the stack.
-Several checkpoints are an ensemble (their probabilities averaged). An .onnx file (export_onnx.py) or a
-bioimage.io package .zip (export_onnx.py --bioimageio) runs in ONNX Runtime, several times faster on a CPU.
-run.json records the model, the settings, versions and code commit, and each result file with its size
-and digest: a later run into the same folder replaces those still as written, as a whole; a folder holding
-anything else (a file changed since) is refused, and kept as it is (docs/details.md, "What a script may write").
+named 0, 1, ...), written block by block; slices over 8192x8192 get only the TIFF stacks. Any size runs in
+blocks chosen from --max_memory (or --tile), each with the context the model needs, standardised with its
+whole slice's statistics: the same probabilities as one whole-image pass (isbi_unet/volume.py). A stopped run
+continues where it stopped when the same command is run again. With --label_path it prints V_rand, V_info
+and pixel error per slice and for the stack. Several checkpoints are an ensemble (their probabilities
+averaged). An .onnx file (export_onnx.py) or a bioimage.io package .zip (export_onnx.py --bioimageio) runs in
+ONNX Runtime, several times faster on a CPU.
+run.json records the model, the settings, versions and code commit, and which files are the results: a
+later run into the same folder replaces them as a whole; a folder holding anything else is refused.
 """
 
 from isbi_unet.process.interrupt import guard_start_up, keyboard_interrupts
@@ -25,26 +28,41 @@ from isbi_unet.process.interrupt import guard_start_up, keyboard_interrupts
 if __name__ == "__main__":
     guard_start_up()  # Ctrl-C inside `import oneflow`: one line, exit 130 (isbi_unet/process/interrupt.py)
 
+import functools
 import os
 import time
 
-import numpy as np
 import oneflow  # noqa: F401  imported under the start-up guard, before keyboard_interrupts() replaces its handler
 
+from isbi_unet.blocks import padded_shape, plan_blocks
 from isbi_unet.device import default_processes, select_device
-from isbi_unet.errors import DataError, check_apart, check_flags, check_output_dir, make_output_dir, warn
-from isbi_unet.flags import Parser
+from isbi_unet.errors import DataError, make_output_dir, warn
+from isbi_unet.flags import Above, Parser
 from isbi_unet.formats import PREDICTIONS
-from isbi_unet.images import read_to_segment, write_png
+from isbi_unet.images import output_names, read_label, slice_names, slice_path
 from isbi_unet.metrics import print_scores
+from isbi_unet.onnx_backend import is_onnx
+from isbi_unet.openvino_backend import ENGINES, ONNX_RUNTIME
 from isbi_unet.outputs import claim
-from isbi_unet.predictor import Predictor, Spec, predict_all, threads_per_process, uses_every_core
+from isbi_unet.predictor import Spec, threads_per_process, uses_every_core, worker_predictor
 from isbi_unet.process import run_main
 from isbi_unet.record import run_record
-from isbi_unet.stacks import is_stack, write_stack
-from isbi_unet.tiling import check_tiling, write_isbi_tiff
-
-STACKS = ("prob.tif", "mask.tif")
+from isbi_unet.tiling import check_tiling
+from isbi_unet.volume import (
+    HALO,
+    ArraySink,
+    begin_output,
+    check_sizes,
+    choose_side,
+    end_output,
+    fingerprint,
+    make_executor,
+    make_sinks,
+    open_source,
+    plan_volume,
+    planned_outputs,
+    run_blocks,
+)
 
 
 def parse_args(argv=None):
@@ -63,15 +81,31 @@ def parse_args(argv=None):
         help="folder of images, or a multi-page TIFF stack, to segment",
     )
     p.add_argument("--save_res_path", default="results", help="output folder for masks (and prob/ for probabilities)")
-    p.add_argument("--threshold", type=float, default=0.5, help="cell probability at or above which a pixel is cell")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        bounds=(Above(0), 1),
+        help="cell probability at or above which a pixel is cell, below 1",
+    )
+    p.add_argument(
+        "--max_memory",
+        type=float,
+        default=2.75,
+        bounds=(Above(0), 1 << 20),
+        help="GB that prediction may use, all processes together: the block size is chosen from it",
+    )
     p.add_argument(
         "--tile",
         type=int,
         default=0,
-        help="side of overlapping square tiles, a multiple of 16; 0 = whole image in one pass "
-        "(with .onnx models: their export size wherever an image needs it)",
+        bounds=(0, 1 << 20),
+        help="side of the blocks predicted at once (each with %d px of context), a multiple of 16, checked against "
+        "--max_memory; 0 = the largest --max_memory allows (a whole slice where it fits)" % HALO,
     )
-    p.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring tiles (with --tile)")
+    p.add_argument(
+        "--overlap", type=int, bounds=(0, 1 << 20), help="obsolete: blocks overlap by the context the model needs"
+    )
     p.add_argument("--tta", action="store_true", help="average the probabilities over the 8 flips/rotations")
     p.add_argument("--graph", action="store_true", help="run the model through nn.Graph, one per input shape")
     p.add_argument("--label_path", help="labels with the input file names: print ISBI scores of the predictions")
@@ -79,73 +113,87 @@ def parse_args(argv=None):
     p.add_argument(
         "--workers",
         type=int,
-        help="processes sharing the slices (default: 1 on CUDA or with only .onnx models, whose ONNX Runtime "
+        bounds=(1, 4096),  # more than the cores is capped to them, with a warning
+        help="processes sharing the blocks (default: 1 on CUDA or with only .onnx models, whose ONNX Runtime "
         "uses every core itself; else one per CPU core, at most 4)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=sorted(ENGINES),
+        default=ONNX_RUNTIME,
+        help="what runs .onnx models: ONNX Runtime; OpenVINO in f32 (the same probabilities within 1e-6); or "
+        "OpenVINO in bfloat16 (faster on CPUs with AVX512-BF16, probabilities moved by up to about 0.01: "
+        "docs/volumes.md#engines)",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="a Dask scheduler's address, tcp://HOST:PORT: its workers run the blocks (docs/volumes.md); the model "
+        "must be at the same absolute path on every worker",
+    )
+    p.add_argument(
+        "--scheduler_timeout",
+        type=float,
+        default=30.0,
+        bounds=(Above(0), 86400),
+        help="seconds to wait for the --scheduler to answer, for a first worker, and for one after all are lost",
     )
     p.add_argument(
         "--overwrite",
         action="store_true",
         help="write into a --save_res_path that holds files this script did not write (its own earlier output "
-        "is always replaced as a whole)",
+        "is always replaced as a whole; a stopped run of the same command is continued)",
     )
     return p.parse_args(argv)
 
 
-def check_outputs(args):
-    """--save_res_path can be made and written, lies apart from every input, and holds nothing of anyone else's."""
-    if not 0.0 < args.threshold < 1.0:
-        raise DataError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
-    inputs = [(args.Test_Data_path, "--Test_Data_path"), (args.label_path, "--label_path")]
-    check_apart(args.save_res_path, "--save_res_path", inputs + [(c, "--checkpoint") for c in args.checkpoint])
-    check_output_dir(args.save_res_path, "--save_res_path")
+def read_labels(label_path, source, shapes):
+    """The label of every input slice (same name, or same page), checked like training labels, before any work."""
+    present = set(slice_names(label_path))
+    for name in source.names:
+        if name not in present:
+            raise DataError(f"{slice_path(label_path, name)}: no label for {name}")
+    return [read_label(label_path, name, shape) for name, shape in zip(source.names, shapes)]
 
 
-def open_predictor(args, device, n_images):
-    """Every --checkpoint loaded and checked here, so a bad one fails before any output; --workers defaulted."""
-    if args.workers is None:
-        one = device.type == "cuda" or uses_every_core(args.checkpoint)
-        args.workers = default_processes(one, limit=n_images)
-    check_flags(args, positive=("workers",))
+def open_predictor(args, device, shapes):
+    """Every --checkpoint loaded and checked here, so a bad one fails before any output; --workers defaulted;
+    the block side chosen. Returns (predictor, spec, side)."""
+    check_tiling(args.tile, 0, 1)
+    if args.engine != ONNX_RUNTIME and not any(map(is_onnx, args.checkpoint)):
+        raise DataError(f"{args.checkpoint[0]}: --engine {args.engine} runs .onnx models (export_onnx.py writes them)")
+    one = device.type == "cuda" or uses_every_core(args.checkpoint)
+    # On a cluster, this process only reads and writes: --max_memory is then each worker process's budget.
+    if args.scheduler and args.workers:
+        warn(f"--workers {args.workers} is not used with --scheduler: the cluster's workers run the blocks")
+    workers = 1 if args.scheduler else args.workers or default_processes(one)
     cores = len(os.sched_getaffinity(0))
-    if args.workers > cores:  # more processes than cores only share them, each with its copy of the model
-        warn(f"--workers {args.workers} is more than the {cores} CPU cores here; using {cores}")
-        args.workers = cores
-    settings = (args.graph, args.tile, args.overlap, args.tta, threads_per_process(args.workers))
-    return Predictor.open(Spec(tuple(args.checkpoint), str(device), *settings))
-
-
-def to_png_prob(prob):
-    return np.round(prob * 255).astype(np.uint8)
-
-
-def to_mask(prob, threshold):
-    return np.where(prob >= threshold, 255, 0).astype(np.uint8)
-
-
-def write_maps(args, out_names, probs):
-    """Writes each mask and probability PNG as its map arrives; returns the maps, in order."""
-    kept = []
-    for out_name, prob in zip(out_names, probs):
-        kept.append(prob)
-        write_png(os.path.join(args.save_res_path, "prob", out_name), to_png_prob(prob))
-        write_png(os.path.join(args.save_res_path, out_name), to_mask(prob, args.threshold))
-    return kept
-
-
-def write_stacks(args, probs):
-    """A stack in gives stacks out: the submission TIFF, and for a stack input also mask.tif and prob.tif."""
-    if len({p.shape for p in probs}) != 1:
-        return
-    write_isbi_tiff(os.path.join(args.save_res_path, "submission.tif"), probs)
-    if is_stack(args.Test_Data_path):
-        prob_tif, mask_tif = (os.path.join(args.save_res_path, name) for name in STACKS)
-        write_stack(prob_tif, [to_png_prob(p) for p in probs])
-        write_stack(mask_tif, [to_mask(p, args.threshold) for p in probs])
+    if workers > cores:  # more processes than cores only share them, each with its copy of the model
+        warn(f"--workers {workers} is more than the {cores} CPU cores here; using {cores}")
+        workers = cores
+    spec = Spec(
+        tuple(args.checkpoint), str(device), args.graph, 0, 64, args.tta, threads_per_process(workers), args.engine
+    )
+    predictor = worker_predictor(spec)  # this process's; with one worker, the one that predicts
+    if predictor.size:  # a fixed-size ONNX export: a whole slice per block, tiled at its size as before
+        spec = spec._replace(tile=args.tile, overlap=args.overlap or 64)
+        worker_predictor.cache_clear()
+        predictor = worker_predictor(spec)
+        return predictor, spec, workers, max(max(padded_shape(s)) for s in shapes)
+    if args.overlap is not None:  # kept for fixed-size ONNX exports, which tile as before
+        warn(f"--overlap is obsolete and ignored: blocks overlap by the {HALO} px of context the model needs")
+    width = max(c.get("width", 64) for c in (s["model_config"] for s in predictor.states))
+    side = choose_side(args.max_memory, args.tile, workers, predictor.runtimes, width, args.tta, shapes)
+    if args.workers is None:  # no more processes than blocks
+        workers = max(1, min(workers, sum(len(plan_blocks(s, side)) for s in shapes)))
+    return predictor, spec, workers, side
 
 
 def main(argv=None):
     keyboard_interrupts()
     args = parse_args(argv)
+    if args.threshold == 1:  # at or above 1: no pixel would be cell
+        raise DataError("--threshold must lie strictly between 0 and 1, got 1.0")
     inputs = [(args.Test_Data_path, "--Test_Data_path"), (args.label_path, "--label_path")]
     inputs += [(c, "--checkpoint") for c in args.checkpoint]
     with claim(args.save_res_path, "--save_res_path", PREDICTIONS, args.overwrite, inputs) as out:  # locked
@@ -153,32 +201,79 @@ def main(argv=None):
 
 
 def segment(args, out):
-    check_outputs(args)
+    """main() once --save_res_path is this run's: every input read and checked, then the blocks predicted."""
     device = select_device(args.device)
-    names, out_names, images, labels = read_to_segment(args.Test_Data_path, args.label_path)
-    check_tiling(args.tile, args.overlap, 1)
-    predictor = open_predictor(args, device, len(images))
-    outputs = [*out_names, *(f"prob/{name}" for name in out_names), "submission.tif"]
-    outputs += STACKS if is_stack(args.Test_Data_path) else ()
-    out.start(writes=outputs, args=vars(args))  # the earlier results go as a whole
-    prob_dir = os.path.join(args.save_res_path, "prob")
-    make_output_dir(prob_dir, "--save_res_path")
-
-    t0 = time.time()
-    note = predictor.tiling_note([im.shape for im in images])
+    source = open_source(args.Test_Data_path)
+    out_names = output_names(args.Test_Data_path, source.names)
+    shapes = check_sizes(source)
+    labels = read_labels(args.label_path, source, shapes) if args.label_path else None
+    predictor, spec, workers, side = open_predictor(args, device, shapes)
+    args.workers = workers
+    executor = make_executor(workers, args.scheduler, args.scheduler_timeout)  # a cluster that fails: before output
+    if args.scheduler:
+        spec = on_cluster(spec)
+    blocks = plan_volume(source, side)
+    outputs = planned_outputs(source, out_names, shapes)
+    settings = {k: getattr(args, k) for k in ("threshold", "tta", "graph", "device", "engine")}
+    print_line = functools.partial(print, flush=True)
+    journal, resumed = begin_output(
+        out,
+        outputs,
+        print_line,
+        args=vars(args),
+        fingerprint=fingerprint(source, args.checkpoint, {**settings, "side": side, "halo": HALO, "outputs": outputs}),
+    )
+    if "prob" in outputs:
+        make_output_dir(os.path.join(args.save_res_path, "prob"), "--save_res_path")
+    sinks = make_sinks(args.save_res_path, source, out_names, shapes, args.threshold, labels is not None, resumed)
+    note = predictor.tiling_note(shapes)
     if note:
         print(note, flush=True)
-    probs = write_maps(args, out_names, predict_all(predictor, images, args.workers))
+    if workers > 1 or args.scheduler:
+        worker_predictor.cache_clear()  # the workers load their own
+    t0 = time.time()
+    run_blocks(source, blocks, spec, sinks, executor, journal)
     seconds = time.time() - t0
-    write_stacks(args, probs)
+    end_output(args.save_res_path, journal)
     checkpoint = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint  # as run.json always had
-    out.finish(args={**vars(args), "checkpoint": checkpoint}, **predictor.record(), **run_record(device))
+    core = max(max(b.y1 - b.y0, b.x1 - b.x0) for b in blocks)
+    blockwise = {"side": side, "core": core, "halo": HALO, "count": len(blocks), "continued": resumed}
+    record = {"args": {**vars(args), "checkpoint": checkpoint}, **predictor.record(), "blocks": blockwise}
+    out.finish(**record, **run_record(device))
     print(
-        f"{len(names)} masks in {args.save_res_path}/, probabilities in {prob_dir}/ ({predictor.describe()}, "
-        f"{seconds:.1f}s on {device} x {args.workers} process(es){predictor.describe_settings()})"
+        f"{len(source.names)} masks {describe_maps(args.save_res_path, outputs)} ({predictor.describe()}, "
+        f"{seconds:.1f}s on "
+        f"{describe_where(args, device, executor)}{predictor.describe_settings()}{describe_blocks(blocks, side)})"
     )
     if labels is not None:
-        print_scores(names, probs, labels)
+        probs = next(s for s in sinks if isinstance(s, ArraySink)).probs
+        print_scores(source.names, [probs[z] for z in range(len(source.names))], labels)
+
+
+def on_cluster(spec):
+    """The spec a Dask worker loads: absolute model paths (its working folder is its own) and ONNX Runtime's
+    threads left to each machine (its cores, not this one's)."""
+    return spec._replace(checkpoints=tuple(os.path.abspath(c) for c in spec.checkpoints), threads=None)
+
+
+def describe_maps(folder, outputs):
+    """`in out/, probabilities in out/prob/`: where the masks and probabilities went."""
+    for masks, probs in (("", "prob"), ("mask.tif", "prob.tif"), ("mask.ome.zarr", "prob.ome.zarr")):
+        if probs in outputs:
+            folder_slash = "/" if probs == "prob" else ""
+            return f"in {os.path.join(folder, masks)}, probabilities in {os.path.join(folder, probs)}{folder_slash}"
+    return f"in {folder}"
+
+
+def describe_where(args, device, executor):
+    if args.scheduler:
+        return f"Dask cluster {args.scheduler} ({executor.workers} worker threads)"
+    return f"{device} x {args.workers} process(es)"
+
+
+def describe_blocks(blocks, side):
+    slices = len({b.z for b in blocks})
+    return "" if len(blocks) == slices else f", {len(blocks)} blocks of {side} px"
 
 
 if __name__ == "__main__":

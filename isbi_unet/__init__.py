@@ -6,6 +6,8 @@ Framework-free core (NumPy, OpenCV, matplotlib; no OneFlow import, so tools/ can
     dataset    `Slices`: the training pairs in memory, with the paper's augmentation and random crops
     augment    elastic deformation, intensity jitter, border weight maps
     tiling     overlap-tile inference, test-time augmentation, the ISBI submission TIFF
+    blocks     the blocks of a slice that reproduce the whole-image pass: geometry, halo, slice statistics
+    volume     blockwise prediction of any size: sources, sinks, journal, executors (volume_bench: its benchmark)
     metrics    V_rand, V_info and pixel error as the challenge scores them
     figures    loss curves and figure files
     process    process life behind one door (start_up, run_main, session, signals_held), importing nothing

@@ -36,9 +36,10 @@ def list_images(folder):
     return names
 
 
-def read_gray(path):
+def read_gray(path, warned=None):
     """An 8-bit single-channel image as a uint8 HxW array; colour and 16-bit files are converted with
-    one warning line, as a silently converted file is how a wrong dataset goes unnoticed."""
+    one warning line, as a silently converted file is how a wrong dataset goes unnoticed (once per `warned`
+    set, for a reader that reads a file again)."""
     if not os.path.isfile(path):  # checked here, as OpenCV would add a warning line of its own
         raise DataError(f"{path}: no such file")
     pages = count_pages(path) if path.lower().endswith(STACK_EXTS) else 1
@@ -50,7 +51,7 @@ def read_gray(path):
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
-    return to_gray(img, path)
+    return to_gray(img, path, warned)
 
 
 def to_gray(img, path, warned=None):

@@ -3,7 +3,7 @@
     spec = Spec(("checkpoints/best",), device="cpu", tile=0, overlap=64, tta=False)
     predictor = Predictor.open(spec)           # every model loaded and checked now
     prob = predictor(image)                    # uint8 HxW slice -> float32 HxW cell probability in [0, 1]
-    probs = predict_all(predictor, images, workers=4)   # the same, from 4 processes, in order
+    prob = predictor.window(x)                 # the same from a standardised window (isbi_unet/volume.py's blocks)
 
 A backend runs one model: `backend.probabilities(batch)` maps float32 Nx1xhxw to cell probabilities of the same
 shape. `backend_class` alone tells model kinds apart, by path. A Predictor averages its backends (an ensemble)
@@ -12,7 +12,6 @@ without it.
 """
 
 import functools
-import multiprocessing
 import os
 from typing import NamedTuple, Optional
 
@@ -20,7 +19,7 @@ from isbi_unet.errors import DataError
 from isbi_unet.formats import POOL
 from isbi_unet.images import preprocess
 from isbi_unet.onnx_backend import fixed_tile, is_onnx, load_onnx, onnx_forward
-from isbi_unet.process import worker_signals
+from isbi_unet.openvino_backend import ENGINES, ONNX_RUNTIME, OpenVinoBackend
 from isbi_unet.tiling import predict_tiled
 
 
@@ -59,14 +58,20 @@ class OnnxBackend:
         self.probabilities = onnx_forward(session)
 
 
-def backend_class(path):
-    """The backend that runs the model at `path`: the one place where model kinds are told apart (by name)."""
-    return OnnxBackend if is_onnx(path) else OneFlowBackend
+def backend_class(path, engine=ONNX_RUNTIME):
+    """The backend that runs the model at `path`: the one place where model kinds are told apart (by name); an
+    ONNX model runs in --engine's runtime."""
+    if not is_onnx(path):
+        return OneFlowBackend
+    return OnnxBackend if engine == ONNX_RUNTIME else OpenVinoBackend
 
 
-def open_model(path, device="cpu", graph=False, threads=None):
+def open_model(path, device="cpu", graph=False, threads=None, engine=ONNX_RUNTIME):
     """The model at `path`, loaded and checked (a bad file is one DataError), behind its backend."""
-    return backend_class(path)(path, device=device, graph=graph, threads=threads)
+    kind = backend_class(path, engine)
+    if kind is OpenVinoBackend:
+        return OpenVinoBackend(path, threads, ENGINES[engine])
+    return kind(path, device=device, graph=graph, threads=threads)
 
 
 def uses_every_core(paths):
@@ -97,6 +102,7 @@ class Spec(NamedTuple):
     overlap: int = 64
     tta: bool = False
     threads: Optional[int] = None
+    engine: str = ONNX_RUNTIME  # what runs the ONNX models (openvino_backend.ENGINES)
 
 
 class Predictor:
@@ -113,7 +119,7 @@ class Predictor:
     @classmethod
     def open(cls, spec):
         """Loads every model of `spec` once, in order; the first bad one raises its DataError."""
-        backends = [open_model(c, spec.device, spec.graph, spec.threads) for c in spec.checkpoints]
+        backends = [open_model(c, spec.device, spec.graph, spec.threads, spec.engine) for c in spec.checkpoints]
         return cls(backends, spec.tile, spec.overlap, spec.tta, spec)
 
     def release(self):
@@ -133,8 +139,13 @@ class Predictor:
         return tile, min(self.overlap, tile - POOL) if tile else self.overlap
 
     def __call__(self, image):
-        tile, overlap = self.plan(image.shape)
-        return predict_tiled(self.probabilities, preprocess(image), tile=tile, overlap=overlap, tta=self.tta)[0]
+        return self.window(preprocess(image))
+
+    def window(self, x):
+        """float32 hxw cell probability of a standardised float32 1xhxw window (a whole slice, or a block's window:
+        isbi_unet/blocks.py) in one pass, flipped as set; a fixed-size ONNX model tiles it at its size."""
+        tile, overlap = self.plan(x.shape)
+        return predict_tiled(self.probabilities, x, tile=tile, overlap=overlap, tta=self.tta)[0]
 
     def tiling_note(self, shapes):
         """The line saying which images a fixed input size makes tiled; None when none is, or tiles were asked."""
@@ -157,6 +168,8 @@ class Predictor:
         tiles = f", tiles {self.tile}" if self.tile else ""
         graph = ", graph" if self.spec and self.spec.graph else ""
         onnx = ", ONNX Runtime" if OnnxBackend.runtime in self.runtimes else ""
+        vino = [b for b in self.backends if isinstance(b, OpenVinoBackend)]
+        onnx += f", OpenVINO {vino[0].precision}" if vino else ""
         return f"{tiles}{', TTA' if self.tta else ''}{graph}{onnx}"
 
     def describe(self):
@@ -165,20 +178,6 @@ class Predictor:
             return f"UNet{self.states[0]['model_config']}, epoch {self.states[0].get('epoch')}"
         epochs = ", ".join(str(s.get("epoch")) for s in self.states)
         return f"mean of {len(self.states)} checkpoints, epochs {epochs}"
-
-
-def predict_all(predictor, images, workers=1):
-    """Yields the cell probability of every image, in order: here, or from `workers` processes.
-
-    Worker processes build their own predictor from `predictor.spec`; this process's models are then let go.
-    """
-    if workers == 1:
-        yield from map(predictor, images)
-        return
-    spec = predictor.release()
-    # spawn, not fork: OneFlow's runtime threads do not survive a fork.
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=worker_signals) as pool:
-        yield from pool.imap(functools.partial(predict_in_worker, spec), images)
 
 
 @functools.lru_cache(maxsize=1)

@@ -2,9 +2,11 @@
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -81,10 +83,113 @@ def assert_fails(proc, *fragments):
         assert str(fragment) in lines[0], lines[0]
 
 
+def write_omezarr(path, image, axes="zyx", chunks=None, transforms=None, **options):
+    """`image` as an OME-Zarr image (NGFF 0.4, one level) at `path`, written by ome-zarr-py as other tools write
+    it: chunks of one slice by 32 x 32 unless given, a scale of 4 per pixel (50 along z) unless `transforms`."""
+    import zarr
+    from ome_zarr.io import parse_url
+    from ome_zarr.writer import write_image
+
+    if transforms is None:
+        scale = [50.0 if a == "z" else 1.0 for a in axes[:-2]] + [4.0, 4.0]
+        transforms = [[{"type": "scale", "scale": scale}]]
+    group = zarr.group(parse_url(str(path), mode="w").store)
+    storage = {"chunks": chunks or (1,) * (image.ndim - 2) + (32, 32), **options}
+    write_image(image, group, axes=axes, storage_options=storage, scaler=None, coordinate_transformations=transforms)
+    return str(path)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Processes:
+    """Started commands, each in its own session, output to a file (a pipe would be held open by a stray rank)."""
+
+    def __init__(self, folder):
+        self.folder, self.procs = folder, []
+
+    def start(self, name, cmd, env=None, cwd=REPO, namespace=None):
+        if namespace:
+            cmd = ["ip", "netns", "exec", namespace, *cmd]
+        log = self.folder / f"{name}.txt"
+        with open(log, "w") as f:
+            proc = subprocess.Popen(
+                [str(c) for c in cmd],
+                cwd=cwd,
+                env={**os.environ, **(env or {})},
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        proc.log = log
+        self.procs.append(proc)
+        return proc
+
+    def wait(self, proc, timeout):
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout} s:\n{proc.log.read_text()}") from None
+        return proc.returncode, proc.log.read_text()
+
+    def kill(self, proc):
+        """Ends `proc` and everything it started (its session), at once."""
+        try:
+            os.killpg(proc.pid, signal.SIGCONT)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def kill_all(self):
+        for proc in self.procs:
+            self.kill(proc)
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Processes(tmp_path)
+    yield p
+    p.kill_all()
+
+
+def wait_for_blocks(proc, folder, count, timeout=300):
+    """Waits until the prediction `proc` (into `folder`) has finished `count` blocks by its journal
+    (isbi_unet/volume.py: a fingerprint line, then a line per finished block); fails if it ends first."""
+    from isbi_unet.volume import JOURNAL
+
+    journal, deadline = Path(folder) / JOURNAL, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = journal.read_text().count("\n") if journal.is_file() else 0
+        if lines - 1 >= count:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"ended ({proc.returncode}) before {count} blocks were finished")
+        time.sleep(0.02)
+    raise AssertionError(f"fewer than {count} blocks finished after {timeout} s")
+
+
+def node_namespaces(count, prefix, subnet=None):
+    """Yields `count` node namespaces PREFIX-n0 ... (tools/netns.py), addresses SUBNET.1 ...; removed, with every
+    process still inside, when the generator ends (a module fixture's `yield from`). Skips where they cannot
+    be made (not root, no iproute2)."""
+    from tools import netns
+
+    why = netns.unavailable()
+    if why:
+        pytest.skip(f"no simulated nodes: {why}")
+    try:
+        names = netns.up(count, prefix, subnet or netns.SUBNET)
+    except OSError as e:
+        pytest.skip(f"no simulated nodes: network namespaces cannot be made here ({e})")
+    try:
+        yield names
+    finally:
+        netns.down(prefix)
+        assert netns.namespaces(prefix) == []
 
 
 # One sample per slice keeps step counts equal to slices / batch, which several tests count on.

@@ -14,14 +14,13 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, free_port, user_checkout, write_dataset
+from conftest import TINY, free_port, node_namespaces, user_checkout, write_dataset
 from tools import netns
 
 MASTER_PORT = 29500  # free in a namespace made for the test
@@ -36,68 +35,10 @@ def error_lines(text):
     return [line for line in text.splitlines() if line.startswith("error: ")]
 
 
-class Processes:
-    """Started commands, each in its own session, output to a file (a pipe would be held open by a stray rank)."""
-
-    def __init__(self, folder):
-        self.folder, self.procs = folder, []
-
-    def start(self, name, cmd, env=None, cwd=REPO, namespace=None):
-        if namespace:
-            cmd = ["ip", "netns", "exec", namespace, *cmd]
-        log = self.folder / f"{name}.txt"
-        with open(log, "w") as f:
-            proc = subprocess.Popen(
-                [str(c) for c in cmd],
-                cwd=cwd,
-                env={**os.environ, **(env or {})},
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        proc.log = log
-        self.procs.append(proc)
-        return proc
-
-    def wait(self, proc, timeout):
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running after {timeout} s:\n{proc.log.read_text()}") from None
-        return proc.returncode, proc.log.read_text()
-
-    def kill_all(self):
-        for proc in self.procs:
-            try:
-                os.killpg(proc.pid, signal.SIGCONT)
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Processes(tmp_path)
-    yield p
-    p.kill_all()
-
-
 @pytest.fixture(scope="module")
 def nodes():
     """Two node namespaces, PREFIX-n0 (10.200.0.1) and PREFIX-n1 (10.200.0.2); removed after the module's tests."""
-    why = netns.unavailable()
-    if why:
-        pytest.skip(f"no simulated nodes: {why}")
-    try:
-        names = netns.up(2, PREFIX)
-    except OSError as e:
-        pytest.skip(f"no simulated nodes: network namespaces cannot be made here ({e})")
-    try:
-        yield names
-    finally:
-        netns.down(PREFIX)
-        assert netns.namespaces(PREFIX) == []
+    yield from node_namespaces(2, PREFIX)
 
 
 @pytest.fixture(scope="module")
