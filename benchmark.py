@@ -41,7 +41,7 @@ import time
 
 from isbi_unet.device import select_device  # OneFlow is imported only where a measurement needs it
 from isbi_unet.errors import DataError, atomic_write, check_output_dir
-from isbi_unet.flags import Parser
+from isbi_unet.flags import Above, Parser
 from isbi_unet.process import run_main
 from isbi_unet.process.runtime import whoami
 from isbi_unet.recipes import RECIPES
@@ -84,10 +84,15 @@ def parse_args(argv=None):
     p.add_argument("--volume", action="store_true", help="time predict_unet_test.py on stacks (see above)")
     p.add_argument("--checkpoint", default="checkpoints/best", help="--volume: the model (checkpoint, .onnx, .zip)")
     p.add_argument("--slices", default="data/train/image", help="--volume: the slices the stacks are tiled from")
-    p.add_argument("--side", type=int, default=2048, help="--volume: the stacks' page side")
+    p.add_argument("--side", type=int, default=2048, bounds=(16, 65536), help="--volume: the stacks' page side")
     p.add_argument("--sizes_mb", default="64,256,1024", help="--volume: comma-separated stack sizes in MB")
     p.add_argument("--workers", default="1,2,4", help="--volume: comma-separated --workers values")
-    p.add_argument("--whole_memory", type=float, help="--volume: also the smallest stack at this --max_memory")
+    p.add_argument(
+        "--whole_memory",
+        type=float,
+        bounds=(Above(0), 1 << 20),
+        help="--volume: also the smallest stack at this --max_memory",
+    )
     p.add_argument("--scratch", default="/tmp", help="--volume: where the stacks and outputs are made (and removed)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: framework:mode:setting, prints one JSON line
     return p.parse_args(argv)

@@ -22,18 +22,6 @@ class WriteError(DataError):
     """An output file could not be written (disk full, no permission); the message names it and the reason."""
 
 
-def check_flags(args, positive=(), non_negative=()):
-    """Every script's numeric flag checks, in one wording: `--NAME must be positive` / `must be 0 or more`.
-
-    Names are argparse destinations; a flag left at None (not given, no default) is not checked.
-    """
-    for names, ok, rule in ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "0 or more")):
-        for name in names:
-            value = getattr(args, name)
-            if value is not None and not ok(value):  # `not ok` also refuses NaN
-                raise DataError(f"--{name} must be {rule}, got {value}")
-
-
 def warn(message):
     """One `warning: ...` line on stderr; silent on ranks other than 0, which read the same files."""
     if whoami().rank > 0:
