@@ -92,7 +92,7 @@ def parse_args(argv=None):
         "--max_memory",
         type=float,
         default=2.75,
-        bounds=(Above(0), 1 << 20),
+        bounds=(Above(0), 4096),
         help="GB that prediction may use, all processes together: the block size is chosen from it",
     )
     p.add_argument(
