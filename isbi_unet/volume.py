@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -55,8 +54,8 @@ from isbi_unet.images import CHANNELS, list_images, read_gray, used_bits, write_
 from isbi_unet.omezarr import OUTPUTS as OMEZARR_OUTPUTS
 from isbi_unet.omezarr import OmeZarrSink, OmeZarrSource, is_omezarr
 from isbi_unet.predictor import worker_predictor
-from isbi_unet.process import Interrupted
-from isbi_unet.process.runtime import tie_to_launcher
+from isbi_unet.process import Interrupted, worker_signals
+from isbi_unet.process.runtime import Terminated, tie_to_launcher
 from isbi_unet.stacks import count_pages, is_stack
 
 JOURNAL = "blocks.journal"  # finished blocks of a stopped run, in the output folder
@@ -424,8 +423,7 @@ class LocalExecutor:
 
 
 def init_worker():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops the pool
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ... with SIGTERM, even when the parent was started ignoring it
+    worker_signals()  # Ctrl-C reaches the whole group and the parent stops the pool; SIGTERM ends a worker
     tie_to_launcher()  # PR_SET_PDEATHSIG: a worker never outlives the run, even a SIGKILLed one
 
 
@@ -551,15 +549,6 @@ def block_pixels(block):
     return (block.y1 - block.y0) * (block.x1 - block.x0)
 
 
-def sigterm_stops():
-    """SIGTERM stops the run as Ctrl-C does (the workers are stopped on the way out); returns the old handler."""
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, stop)
-
-
 class Engine:
     """Runs `blocks` (not yet in `journal`) of `source` through `executor` into `sinks`."""
 
@@ -584,7 +573,6 @@ class Engine:
         progress = Progress(total, total - sum(map(block_pixels, todo))) if self.progress else None
         restarts = 0
         queue = list(reversed(todo))
-        old = sigterm_stops()
         try:
             while queue:
                 try:
@@ -605,12 +593,13 @@ class Engine:
                 f"out of memory after {len(self.journal.finished)} of {len(blocks)} blocks; pass a smaller "
                 "--max_memory or fewer --workers (a run with the same blocks continues from the finished ones)"
             ) from None
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated) as stop:  # SIGTERM raises Terminated (isbi_unet/process)
             done, count = len(self.journal.finished), len(blocks)
             print(f"stopped with {done} of {count} blocks finished: the same command continues the run", flush=True)
+            if isinstance(stop, Terminated):
+                raise
             raise Interrupted("interrupted") from None
-        finally:
-            signal.signal(signal.SIGTERM, old)
+        finally:  # the workers are stopped on the way out, however the run ends
             self.executor.close()
             for sink in self.sinks:
                 sink.close()

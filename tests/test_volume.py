@@ -212,7 +212,7 @@ def test_stopping_the_parent_stops_every_worker(trained_run, stack, tmp_path, ho
     os.kill(proc.pid, getattr(signal, how))
     _, err = proc.communicate(timeout=60)
     if how == "SIGTERM":
-        assert proc.returncode == 130 and lines(err) == ["error: interrupted"], err
+        assert proc.returncode == 143 and lines(err) == ["error: terminated (SIGTERM)"], err
     wait_until(lambda: not any(alive(pid) for pid in workers), 30, "the workers to end with their parent")
 
 
