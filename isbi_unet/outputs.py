@@ -129,25 +129,27 @@ def still_written(path, entry):
         return False
 
 
-def read_record(folder, record):
-    """The folder's record as a dict, or None when there is none (or it is not one of ours)."""
+def load_record(folder, record):
+    """The JSON object in file `record` of `folder`, or None (none there, unreadable, not an object)."""
     try:
         with open(os.path.join(folder, record)) as f:
             data = json.load(f)
     except (OSError, ValueError):
         return None
-    ours = isinstance(data, dict) and isinstance(data.get("outputs"), list) and isinstance(data.get("files"), dict)
+    return data if isinstance(data, dict) else None
+
+
+def read_record(folder, record):
+    """The folder's record as a dict, or None when there is none (or it is not one of ours)."""
+    data = load_record(folder, record)
+    ours = data is not None and isinstance(data.get("outputs"), list) and isinstance(data.get("files"), dict)
     return data if ours else None
 
 
 def earlier_version(folder, record):
     """Whether `record` in `folder` is one this repo wrote before records listed digests (names only)."""
-    try:
-        with open(os.path.join(folder, record)) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("outputs"), list) and "files" not in data
+    data = load_record(folder, record)
+    return data is not None and isinstance(data.get("outputs"), list) and "files" not in data
 
 
 def within(rel):

@@ -42,6 +42,18 @@ def write_dataset(root, n_train=6, n_test=3, size=(48, 48), seed=0):
     return root
 
 
+def path_without_python(tmp_path):
+    """A PATH for setup.sh with the tools it uses and a `python3` that fails, as on a machine whose only Python
+    is of the wrong version (or, on a machine with the right one, pretends to be)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "ls", "sort", "cat", "grep", "sha256sum", "cut", "dirname", "rm"):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    (bin_dir / "python3").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "python3").chmod(0o755)
+    return str(bin_dir)
+
+
 def user_checkout(root, n_train=6, n_test=1):
     """A copy of the code at `root` with a link to the venv and tiny data in data/: the shell scripts run
     there as a user runs them (setup.sh finds the venv up to date), touching nothing in this checkout."""

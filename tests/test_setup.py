@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, assert_fails
+from conftest import REPO, assert_fails, path_without_python
 from isbi_unet.record import cpu_info
 
 
@@ -16,19 +16,14 @@ def test_no_suitable_python_is_a_clear_error(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copy(os.path.join(REPO, "setup.sh"), repo)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("bash", "ls", "sort", "cat", "grep", "sha256sum", "cut", "dirname", "rm"):
-        os.symlink(shutil.which(tool), bin_dir / tool)
     # the only Python on PATH is too new for OneFlow 0.9.0 (or, on a 3.7-3.10 CI, pretends to be)
-    (bin_dir / "python3").write_text("#!/bin/sh\nexit 1\n")
-    (bin_dir / "python3").chmod(0o755)
+    bin_dir = path_without_python(tmp_path)
     proc = subprocess.run(
         ["bash", "-c", "source setup.sh"],
         cwd=repo,
         capture_output=True,
         text=True,
-        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+        env={"PATH": bin_dir, "HOME": str(tmp_path)},
     )
     assert proc.returncode != 0
     assert "no CPython 3.7-3.10 found" in proc.stderr and "install Python 3.10" in proc.stderr

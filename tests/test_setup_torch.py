@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, path_without_python
 
 
 def test_no_python_for_torch_is_a_clear_error_and_makes_nothing(tmp_path):
@@ -14,19 +14,14 @@ def test_no_python_for_torch_is_a_clear_error_and_makes_nothing(tmp_path):
     repo.mkdir()
     for name in ("setup.sh", "torch-requirements.txt"):
         shutil.copy(os.path.join(REPO, name), repo)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("bash", "ls", "sort", "cat", "grep", "sha256sum", "cut", "dirname", "rm"):
-        os.symlink(shutil.which(tool), bin_dir / tool)
     # the only Python on PATH is too old for torch's CPU wheels (or, on a 3.11+ machine, pretends to be)
-    (bin_dir / "python3").write_text("#!/bin/sh\nexit 1\n")
-    (bin_dir / "python3").chmod(0o755)
+    bin_dir = path_without_python(tmp_path)
     proc = subprocess.run(
         ["bash", "setup.sh", "--torch"],
         cwd=repo,
         capture_output=True,
         text=True,
-        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+        env={"PATH": bin_dir, "HOME": str(tmp_path)},
     )
     assert proc.returncode != 0
     assert "no CPython 3.11+ found for .venv-torch" in proc.stderr and "TORCH_BASE_PYTHON" in proc.stderr
