@@ -42,6 +42,15 @@ def write_dataset(root, n_train=6, n_test=3, size=(48, 48), seed=0):
     return root
 
 
+def repo_python_files(skip=("tests",)):
+    """Relative paths of the repo's own .py files: hidden folders (.git, .venv, .venv-torch) and `skip` left out."""
+    found = []
+    for folder, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in skip]
+        found += [os.path.relpath(os.path.join(folder, n), REPO) for n in files if n.endswith(".py")]
+    return sorted(found)
+
+
 def path_without_python(tmp_path):
     """A PATH for setup.sh with the tools it uses and a `python3` that fails, as on a machine whose only Python
     is of the wrong version (or, on a machine with the right one, pretends to be)."""

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, write_dataset
+from conftest import REPO, repo_python_files, write_dataset
 
 # What needs no OneFlow: tools/torch_reference.py runs these under PyTorch, and plot.py and evaluate.py start fast.
 CORE = [
@@ -199,13 +199,10 @@ def test_the_process_plumbing_imports_nothing_else_of_the_repo():
 def test_signal_handlers_are_installed_in_the_plumbing_only():
     pattern = re.compile(r"signal\.(signal|set_wakeup_fd|pthread_sigmask)\(")
     offenders = []
-    for folder, dirs, files in os.walk(REPO):
-        dirs[:] = [d for d in dirs if d not in (".git", ".venv", "tests")]
-        for name in files:
-            path = os.path.relpath(os.path.join(folder, name), REPO)
-            if name.endswith(".py") and path not in PLUMBING_FILES and not path.startswith("isbi_unet/process/"):
-                with open(os.path.join(REPO, path)) as f:
-                    offenders += [path] if pattern.search(f.read()) else []
+    for path in repo_python_files():
+        if path not in PLUMBING_FILES and not path.startswith("isbi_unet/process/"):
+            with open(os.path.join(REPO, path)) as f:
+                offenders += [path] if pattern.search(f.read()) else []
     assert offenders == []
 
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, repo_python_files
 from isbi_unet.errors import DataError
 from isbi_unet.flags import flag_fields, kind
 from isbi_unet.train_settings import MAY_CHANGE, TrainSettings, resume_rule
@@ -43,13 +43,10 @@ def test_given_is_exactly_the_flags_on_the_command_line_even_at_their_default():
 
 def test_no_code_reads_argparses_private_actions():
     offenders = []
-    for folder, dirs, files in os.walk(REPO):
-        dirs[:] = [d for d in dirs if d not in (".git", ".venv", "tests")]
-        for name in files:
-            if name.endswith(".py"):
-                with open(os.path.join(folder, name)) as f:
-                    if re.search(r"\._(option_string_)?actions\b", f.read()):
-                        offenders.append(name)
+    for path in repo_python_files():
+        with open(os.path.join(REPO, path)) as f:
+            if re.search(r"\._(option_string_)?actions\b", f.read()):
+                offenders.append(path)
     assert offenders == []
 
 
