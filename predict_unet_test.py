@@ -50,6 +50,7 @@ from isbi_unet.record import run_record
 from isbi_unet.tiling import check_tiling
 from isbi_unet.volume import (
     HALO,
+    PROB_DIR,
     ArraySink,
     begin_output,
     check_sizes,
@@ -223,8 +224,8 @@ def segment(args, out):
         args=vars(args),
         fingerprint=fingerprint(source, args.checkpoint, {**settings, "side": side, "halo": HALO, "outputs": outputs}),
     )
-    if "prob" in outputs:
-        make_output_dir(os.path.join(args.save_res_path, "prob"), "--save_res_path")
+    if any(name.startswith(PROB_DIR + "/") for name in outputs):
+        make_output_dir(os.path.join(args.save_res_path, PROB_DIR), "--save_res_path")
     sinks = make_sinks(args.save_res_path, source, out_names, shapes, args.threshold, labels is not None, resumed)
     note = predictor.tiling_note(shapes)
     if note:
@@ -258,10 +259,11 @@ def on_cluster(spec):
 
 def describe_maps(folder, outputs):
     """`in out/, probabilities in out/prob/`: where the masks and probabilities went."""
-    for masks, probs in (("", "prob"), ("mask.tif", "prob.tif"), ("mask.ome.zarr", "prob.ome.zarr")):
+    if any(name.startswith(PROB_DIR + "/") for name in outputs):
+        return f"in {os.path.join(folder, '')}, probabilities in {os.path.join(folder, PROB_DIR, '')}"
+    for masks, probs in (("mask.tif", "prob.tif"), ("mask.ome.zarr", "prob.ome.zarr")):
         if probs in outputs:
-            folder_slash = "/" if probs == "prob" else ""
-            return f"in {os.path.join(folder, masks)}, probabilities in {os.path.join(folder, probs)}{folder_slash}"
+            return f"in {os.path.join(folder, masks)}, probabilities in {os.path.join(folder, probs)}"
     return f"in {folder}"
 
 

@@ -58,6 +58,7 @@ from isbi_unet.process import Interrupted, worker_signals
 from isbi_unet.process.runtime import Terminated, tie_to_launcher
 from isbi_unet.stacks import count_pages, is_stack
 
+PROB_DIR = "prob"  # the probability PNGs' folder in the output folder, beside the masks
 JOURNAL = "blocks.journal"  # finished blocks of a stopped run, in the output folder
 POOL_RESTARTS = 2  # a pool that loses a worker is rebuilt this often before the run stops with one line
 PROGRESS_STEP = 0.1  # without a terminal: a line per tenth of the work ...
@@ -245,7 +246,7 @@ class PngSink:
 
     def end_slice(self, z):
         prob8, mask = self.open.pop(z)
-        write_png(os.path.join(self.folder, "prob", self.out_names[z]), prob8)
+        write_png(os.path.join(self.folder, PROB_DIR, self.out_names[z]), prob8)
         write_png(os.path.join(self.folder, self.out_names[z]), mask)
 
     def close(self):
@@ -741,7 +742,7 @@ def begin_output(out, outputs, print_line, **fields):
     folder = out.folder
     record, path = out.earlier_record(), os.path.join(folder, JOURNAL)
     same = record is not None and record.get("finished") is False and record.get("fingerprint") == fields["fingerprint"]
-    files = [n for n in outputs if not n.endswith(".png") and n != "prob"]  # made whole at the start
+    files = [n for n in outputs if not n.endswith(".png")]  # made whole at the start
     if same and os.path.isfile(path) and all(os.path.exists(os.path.join(folder, n)) for n in files):
         journal = Journal(path, fields["fingerprint"])
         if journal.finished:
@@ -801,7 +802,7 @@ def output_plan(source, out_names, shapes):
     registered = [(names(source, shapes), make) for names, make in OUTPUTS if names(source, shapes)]
     plan = []
     if not registered and all(h * w <= PNG_PIXELS for h, w in shapes):
-        plan.append(([*out_names, "prob"], png_sinks))
+        plan.append(([*out_names, *(f"{PROB_DIR}/{name}" for name in out_names)], png_sinks))
     if len(set(shapes)) == 1:
         if not (plan or registered) or is_stack(source.path):
             plan.append((list(STACKS), stack_sinks))
