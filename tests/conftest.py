@@ -279,6 +279,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     """Under --fast, starting any program but git (which run records ask for the commit) skips the test or
     fixture that asked for it: scripts, launchers and network namespaces are the slow part of the suite."""
+    config.addinivalue_line("markers", "heavy: trains for real in the test process; skipped under --fast")
     if not config.getoption("--fast"):
         return
     config.option.reportchars = config.option.reportchars.replace("s", "")  # one line below says why instead
@@ -291,6 +292,14 @@ def pytest_configure(config):
         start(self, args, *rest, **kwargs)
 
     subprocess.Popen.__init__ = start_unless_a_script
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under --fast, tests marked heavy (real training in this process) are skipped too: they are the full suite's."""
+    if config.getoption("--fast"):
+        for item in items:
+            if item.get_closest_marker("heavy"):
+                item.add_marker(pytest.mark.skip(reason="heavy: only in the full suite (bash tests/run.sh)"))
 
 
 def pytest_terminal_summary(terminalreporter, config):
