@@ -37,7 +37,7 @@ import oneflow  # noqa: F401  imported under the start-up guard, before keyboard
 from isbi_unet.blocks import padded_shape, plan_blocks
 from isbi_unet.device import default_processes, select_device
 from isbi_unet.errors import DataError, make_output_dir, warn
-from isbi_unet.flags import Above, Parser
+from isbi_unet.flags import Above, Below, Parser
 from isbi_unet.formats import PREDICTIONS
 from isbi_unet.images import output_names, read_label, slice_names, slice_path
 from isbi_unet.metrics import print_scores
@@ -86,8 +86,8 @@ def parse_args(argv=None):
         "--threshold",
         type=float,
         default=0.5,
-        bounds=(Above(0), 1),
-        help="cell probability at or above which a pixel is cell, below 1",
+        bounds=(Above(0), Below(1)),
+        help="cell probability at or above which a pixel is cell",
     )
     p.add_argument(
         "--max_memory",
@@ -193,8 +193,6 @@ def open_predictor(args, device, shapes):
 def main(argv=None):
     keyboard_interrupts()
     args = parse_args(argv)
-    if args.threshold == 1:  # at or above 1: no pixel would be cell
-        raise DataError("--threshold must lie strictly between 0 and 1, got 1.0")
     inputs = [(args.Test_Data_path, "--Test_Data_path"), (args.label_path, "--label_path")]
     inputs += [(c, "--checkpoint") for c in args.checkpoint]
     with claim(args.save_res_path, "--save_res_path", PREDICTIONS, args.overwrite, inputs) as out:  # locked

@@ -10,7 +10,7 @@ Flags are declared once, in the article's snake_case; the kebab spelling (`--dat
 `--help` shows each flag's default. A bad flag is one `error: ...` line and exit 2, like bad input
 (isbi_unet/errors.py), instead of argparse's usage block.
 
-Every numeric flag takes `bounds=(lo, hi)`: inclusive ends (`Above(x)` for an open lower end, None for
+Every numeric flag takes `bounds=(lo, hi)`: inclusive ends (`Above(x)`, `Below(x)` for open ones, None for
 none), the value finite, checked as the command line is parsed, before any work; outside them it is
 `error: argument --seed: must be an integer in 0..4294967295, got 4294967296; see --help`. Pick ends
 the libraries accept (a NumPy seed is below 2**32) and caps where a value would exhaust the machine
@@ -36,6 +36,10 @@ class Above(float):
     """An open lower end: `bounds=(Above(0), 10)` takes 0 < value <= 10."""
 
 
+class Below(float):
+    """An open upper end: `bounds=(Above(0), Below(1))` takes 0 < value < 1."""
+
+
 def describe(bounds, kind):
     """`an integer in 0..9`, `a finite number in (0, 10]`, `a finite number >= 0`."""
     lo, hi = bounds
@@ -43,10 +47,10 @@ def describe(bounds, kind):
         return f"an integer in {lo}..{hi}"
     what = "an integer" if kind is int else "a finite number"
     if lo is not None and hi is not None:
-        return f"{what} in {'(' if isinstance(lo, Above) else '['}{lo:g}, {hi:g}]"
+        return f"{what} in {'(' if isinstance(lo, Above) else '['}{lo:g}, {hi:g}{')' if isinstance(hi, Below) else ']'}"
     if lo is not None:
         return f"{what} {'>' if isinstance(lo, Above) else '>='} {lo:g}"
-    return f"{what} <= {hi:g}" if hi is not None else what
+    return f"{what} {'<' if isinstance(hi, Below) else '<='} {hi:g}" if hi is not None else what
 
 
 def within(value, bounds):
@@ -54,7 +58,7 @@ def within(value, bounds):
     if not math.isfinite(value):
         return False
     low_ok = lo is None or (value > lo if isinstance(lo, Above) else value >= lo)
-    return low_ok and (hi is None or value <= hi)
+    return low_ok and (hi is None or (value < hi if isinstance(hi, Below) else value <= hi))
 
 
 def bounds_problem(value, bounds, kind=float):

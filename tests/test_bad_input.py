@@ -102,18 +102,19 @@ def test_a_nonsense_flag_ends_the_process_with_one_line_and_nothing_written(data
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_predict_nonsense_threshold(data, tmp_path):
+@pytest.mark.parametrize("threshold", [1.5, 1.0])  # at 1 no pixel would be cell
+def test_predict_nonsense_threshold(data, tmp_path, threshold):
     proc = run(
         "predict_unet_test.py",
         "--threshold",
-        1.5,
+        threshold,
         "--Test_Data_path",
         f"{data}/test",
         "--save_res_path",
         tmp_path / "res",
         check=False,
     )
-    assert_fails(proc, "--threshold")
+    assert_fails(proc, "--threshold: must be a finite number in (0, 1)")
 
 
 def test_held_out_block_past_the_last_slice(data, tmp_path):

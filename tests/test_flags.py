@@ -5,7 +5,7 @@ import os
 import pytest
 
 from conftest import REPO, assert_fails, run
-from isbi_unet.flags import CORES, Above, Parser, describe
+from isbi_unet.flags import CORES, Above, Below, Parser, describe
 
 
 def parser():
@@ -99,6 +99,7 @@ def test_a_number_in_its_range_and_the_ends_are_taken():
 def test_ranges_are_described_as_they_are_checked():
     assert describe((0, 9), int) == "an integer in 0..9"
     assert describe((Above(0), 10), float) == "a finite number in (0, 10]"
+    assert describe((Above(0), Below(1)), float) == "a finite number in (0, 1)"
     assert describe((0, None), float) == "a finite number >= 0"
 
 
