@@ -94,6 +94,9 @@ def parse_args(argv=None):
         help="--volume: also the smallest stack at this --max_memory",
     )
     p.add_argument("--scratch", default="/tmp", help="--volume: where the stacks and outputs are made (and removed)")
+    p.add_argument(
+        "--engine", default="auto", help="--volume: predict_unet_test.py's --engine (auto, oneflow, onnxruntime, ...)"
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: framework:mode:setting, prints one JSON line
     return p.parse_args(argv)
 
@@ -322,11 +325,11 @@ def volume_mode(args):
     try:
         script = os.path.join(HERE, "predict_unet_test.py")
         rows = volume_benchmark(
-            script, args.checkpoint, args.slices, scratch, args.side, sizes, workers, args.whole_memory
+            script, args.checkpoint, args.slices, scratch, args.side, sizes, workers, args.whole_memory, args.engine
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"{os.cpu_count()} CPU cores, model {args.checkpoint}")
+    print(f"{os.cpu_count()} CPU cores, model {args.checkpoint}, --engine {args.engine}")
     print_volume_table(rows)
     if args.json:
         with atomic_write(args.json, "the results") as tmp, open(tmp, "w") as f:

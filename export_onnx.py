@@ -21,7 +21,6 @@ from isbi_unet.process.interrupt import guard_start_up, keyboard_interrupts
 if __name__ == "__main__":
     guard_start_up()  # Ctrl-C inside `import oneflow`: one line, exit 130 (isbi_unet/process/interrupt.py)
 
-import json
 import os
 import shutil
 import tempfile
@@ -36,7 +35,7 @@ from isbi_unet.errors import DataError, atomic_write, check_apart, check_output_
 from isbi_unet.flags import Above, Parser
 from isbi_unet.formats import POOL
 from isbi_unet.images import preprocess, read_slice, slice_names
-from isbi_unet.onnx_export import MAX_OPSET, MIN_OPSET, convert, free_sizes
+from isbi_unet.onnx_export import MAX_OPSET, MIN_OPSET, add_metadata, convert, free_sizes
 from isbi_unet.outputs import claim_file
 from isbi_unet.process import run_main, signals_held
 
@@ -139,25 +138,6 @@ def check_package_args(args):
     args.torch_python = bio.find_torch_python(args.torch_python)
     if args.torch_python:
         bio.check_torch_python(args.torch_python)
-
-
-def add_metadata(path, state, size, checkpoint):
-    """Model config, traced size, preprocessing and provenance into metadata_props, in place."""
-    import onnx
-
-    model = onnx.load(path)
-    meta = {
-        ob.KEY_FORMAT: ob.FORMAT,
-        ob.KEY_CONFIG: json.dumps(state["model_config"]),
-        ob.KEY_SIZE: str(size),
-        ob.KEY_PREPROCESS: ob.PREPROCESS,
-        ob.KEY_OUTPUT: ob.OUTPUT,
-        ob.KEY_EPOCH: json.dumps(state.get("epoch")),
-        ob.KEY_SOURCE: os.path.abspath(checkpoint),
-    }
-    for key, value in meta.items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.save(model, path)
 
 
 def first_slice(source):

@@ -18,7 +18,8 @@ whole slice's statistics: the same probabilities as one whole-image pass (isbi_u
 continues where it stopped when the same command is run again. With --label_path it prints V_rand, V_info
 and pixel error per slice and for the stack. Several checkpoints are an ensemble (their probabilities
 averaged). An .onnx file (export_onnx.py) or a bioimage.io package .zip (export_onnx.py --bioimageio) runs in
-ONNX Runtime, several times faster on a CPU.
+ONNX Runtime; so does a checkpoint on a CPU (converted as it loads: the same probabilities within 1e-6, several
+times faster and leaner than OneFlow's CPU kernels), unless --engine oneflow.
 run.json records the model, the settings, versions and code commit, and which files are the results: a
 later run into the same folder replaces them as a whole; a folder holding anything else is refused.
 """
@@ -41,10 +42,8 @@ from isbi_unet.flags import Above, Below, Parser
 from isbi_unet.formats import PREDICTIONS
 from isbi_unet.images import output_names, read_label, slice_names, slice_path
 from isbi_unet.metrics import print_scores
-from isbi_unet.onnx_backend import is_onnx
-from isbi_unet.openvino_backend import ENGINES, ONNX_RUNTIME
 from isbi_unet.outputs import claim
-from isbi_unet.predictor import Spec, threads_per_process, uses_every_core, worker_predictor
+from isbi_unet.predictor import AUTO, CHOICES, Spec, threads_per_process, uses_every_core, worker_predictor
 from isbi_unet.process import run_main
 from isbi_unet.record import run_record
 from isbi_unet.tiling import check_tiling
@@ -63,6 +62,7 @@ from isbi_unet.volume import (
     plan_volume,
     planned_outputs,
     run_blocks,
+    windows_in_flight,
 )
 
 
@@ -120,11 +120,12 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--engine",
-        choices=sorted(ENGINES),
-        default=ONNX_RUNTIME,
-        help="what runs .onnx models: ONNX Runtime; OpenVINO in f32 (the same probabilities within 1e-6); or "
-        "OpenVINO in bfloat16 (faster on CPUs with AVX512-BF16, probabilities moved by up to about 0.01: "
-        "docs/volumes.md#engines)",
+        choices=CHOICES,
+        default=AUTO,
+        help="what runs the models: auto = ONNX Runtime on a CPU (checkpoints converted as they load), OneFlow on "
+        "a GPU or with --graph; oneflow (checkpoints; .onnx files still run in ONNX Runtime); onnxruntime; "
+        "openvino, in f32 (the same probabilities within 1e-6); openvino-bf16 (faster on CPUs with AVX512-BF16, "
+        "probabilities moved by up to about 0.01): docs/volumes.md#engines",
     )
     p.add_argument(
         "--scheduler",
@@ -161,9 +162,7 @@ def open_predictor(args, device, shapes):
     """Every --checkpoint loaded and checked here, so a bad one fails before any output; --workers defaulted;
     the block side chosen. Returns (predictor, spec, side)."""
     check_tiling(args.tile, 0, 1)
-    if args.engine != ONNX_RUNTIME and not any(map(is_onnx, args.checkpoint)):
-        raise DataError(f"{args.checkpoint[0]}: --engine {args.engine} runs .onnx models (export_onnx.py writes them)")
-    one = device.type == "cuda" or uses_every_core(args.checkpoint)
+    one = device.type == "cuda" or uses_every_core(args.checkpoint, args.engine, device, args.graph)
     # On a cluster, this process only reads and writes: --max_memory is then each worker process's budget.
     if args.scheduler and args.workers:
         warn(f"--workers {args.workers} is not used with --scheduler: the cluster's workers run the blocks")
@@ -176,6 +175,9 @@ def open_predictor(args, device, shapes):
         tuple(args.checkpoint), str(device), args.graph, 0, 64, args.tta, threads_per_process(workers), args.engine
     )
     predictor = worker_predictor(spec)  # this process's; with one worker, the one that predicts
+    for path, backend in zip(args.checkpoint, predictor.backends):
+        if getattr(backend, "fallback", None):
+            warn(f"{path} runs in OneFlow: {backend.fallback}")
     if predictor.size:  # a fixed-size ONNX export: a whole slice per block, tiled at its size as before
         spec = spec._replace(tile=args.tile, overlap=args.overlap or 64)
         worker_predictor.cache_clear()
@@ -231,7 +233,7 @@ def segment(args, out):
     if workers > 1 or args.scheduler:
         worker_predictor.cache_clear()  # the workers load their own
     t0 = time.time()
-    run_blocks(source, blocks, spec, sinks, executor, journal)
+    run_blocks(source, blocks, spec, sinks, executor, journal, max_in_flight=in_flight(args, executor, side, shapes))
     seconds = time.time() - t0
     end_output(args.save_res_path, journal)
     checkpoint = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint  # as run.json always had
@@ -247,6 +249,19 @@ def segment(args, out):
     if labels is not None:
         probs = next(s for s in sinks if isinstance(s, ArraySink)).probs
         print_scores(source.names, [probs[z] for z in range(len(source.names))], labels)
+
+
+def in_flight(args, executor, side, shapes):
+    """On a cluster, the blocks this process may keep in flight under --max_memory (a pool's are in its plan)."""
+    if not args.scheduler:
+        return None
+    most = windows_in_flight(args.max_memory, side, shapes)
+    if most < executor.workers:
+        warn(
+            f"--max_memory {args.max_memory:g} keeps {most} blocks in flight here, fewer than the cluster's "
+            f"{executor.workers} worker threads: some wait (a larger --max_memory feeds them all)"
+        )
+    return most
 
 
 def on_cluster(spec):

@@ -1,21 +1,31 @@
-"""OneFlow model -> size-free ONNX file with OneFlow's own converter (oneflow-onnx): what export_onnx.py and
-benchmark.py both run.
+"""OneFlow model -> size-free ONNX file with OneFlow's own converter (oneflow-onnx): what export_onnx.py,
+benchmark.py and prediction's ONNX Runtime engine all run.
 
     convert(model, size, "unet.onnx")     # compiled as an nn.Graph at 1x1xSIZExSIZE, sigmoid included
     free_sizes("unet.onnx", MIN_OPSET)     # pixel shuffles -> DepthToSpace: batch, height and width free
+    add_metadata("unet.onnx", state, size, checkpoint)   # what isbi_unet/onnx_backend.py reads back
+
+    python3 -m isbi_unet.onnx_export CHECKPOINT OUT.onnx   # all three, unchecked: predictor.py runs it in a child
 
 The converter writes each up-convolution's pixel shuffle as reshapes to the traced shape; they become ONNX
 DepthToSpace (opset 11 or more, at the lowest IR version that opset allows).
 """
 
-import sys
-import tempfile
+from isbi_unet.process.interrupt import guard_start_up
 
-import numpy as np
-import oneflow as flow
+if __name__ == "__main__":
+    guard_start_up()  # a Ctrl-C inside `import oneflow` (isbi_unet/process/interrupt.py)
 
-from isbi_unet.errors import DataError
-from isbi_unet.onnx_backend import INSTALL
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+import oneflow as flow  # noqa: E402
+
+from isbi_unet import onnx_backend as ob  # noqa: E402
+from isbi_unet.errors import DataError  # noqa: E402
 
 MIN_OPSET = 11  # DepthToSpace's CRD mode, the up-convolutions' pixel shuffle
 MAX_OPSET = 21  # the newest opset onnx 1.16 defines and ONNX Runtime 1.19 runs: a higher one fails in the checker
@@ -30,7 +40,7 @@ def import_converter():
     try:
         from oneflow_onnx.oneflow2onnx.util import export_onnx_model
     except ImportError:
-        raise DataError(f"exporting needs oneflow-onnx, which is not installed: {INSTALL}") from None
+        raise DataError(f"exporting needs oneflow-onnx, which is not installed: {ob.INSTALL}") from None
     return export_onnx_model
 
 
@@ -126,3 +136,47 @@ def free_sizes(path, opset):
     onnx.checker.check_model(model)
     onnx.save(model, path)
     return shuffles
+
+
+def add_metadata(path, state, size, checkpoint):
+    """Model config, traced size, preprocessing and provenance into metadata_props, in place."""
+    import onnx
+
+    model = onnx.load(path)
+    meta = {
+        ob.KEY_FORMAT: ob.FORMAT,
+        ob.KEY_CONFIG: json.dumps(state["model_config"]),
+        ob.KEY_SIZE: str(size),
+        ob.KEY_PREPROCESS: ob.PREPROCESS,
+        ob.KEY_OUTPUT: ob.OUTPUT,
+        ob.KEY_EPOCH: json.dumps(state.get("epoch")),
+        ob.KEY_SOURCE: os.path.abspath(checkpoint),
+    }
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, path)
+
+
+# A child converts at this size: the traced size does not matter once the sizes are freed, and compiling the graph
+# at 16 px keeps the child small.
+CHILD_SIZE = 16
+
+
+def main(argv=None):
+    """CHECKPOINT OUT: the checkpoint as the size-free ONNX file export_onnx.py writes, without its check against
+    OneFlow (the caller compares what it needs). A bad checkpoint or a failed conversion is one `error:` line."""
+    from isbi_unet.checkpoint import load_model
+    from isbi_unet.process import signals_held
+
+    checkpoint, out = sys.argv[1:] if argv is None else argv
+    model, state = load_model(checkpoint, "cpu")
+    with signals_held():  # the converter's bare `except:` clauses would swallow a Ctrl-C
+        convert(model, CHILD_SIZE, out, MIN_OPSET)
+    free_sizes(out, MIN_OPSET)
+    add_metadata(out, state, CHILD_SIZE, checkpoint)
+
+
+if __name__ == "__main__":
+    from isbi_unet.process import run_main
+
+    run_main(main)

@@ -46,6 +46,7 @@ class OpenVinoBackend:
 
     runtime = "OpenVINO"
     uses_every_core = True  # OpenVINO's own threads
+    converted = False  # True for a OneFlow checkpoint converted as it loaded
 
     def __init__(self, path, threads, precision):
         session, self.state = load_onnx(path, threads)  # the same checks and record as with ONNX Runtime

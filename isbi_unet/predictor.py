@@ -6,13 +6,22 @@
     prob = predictor.window(x)                 # the same from a standardised window (isbi_unet/volume.py's blocks)
 
 A backend runs one model: `backend.probabilities(batch)` maps float32 Nx1xhxw to cell probabilities of the same
-shape. `backend_class` alone tells model kinds apart, by path. A Predictor averages its backends (an ensemble)
-and owns the overlap-tile and TTA settings. OneFlow is imported only by a OneFlow backend, so ONNX models run
-without it.
+shape. `backend_class` alone tells model kinds apart, by path and engine. A Predictor averages its backends (an
+ensemble) and owns the overlap-tile and TTA settings. OneFlow is imported only by a OneFlow backend, so ONNX models
+run without it.
+
+Engines (predict_unet_test.py --engine): a OneFlow checkpoint runs in OneFlow (`oneflow`), or is converted to ONNX
+as it loads (OneFlow's own converter, in a child process, as export_onnx.py converts) and runs in ONNX Runtime or
+OpenVINO. `auto`, the command's default, is ONNX Runtime on a CPU and OneFlow on a GPU or with --graph: on a CPU
+ONNX Runtime gives the same probabilities (within 1e-6) several times faster and with a quarter of the memory
+(docs/volumes.md#engines); OneFlow's eager CPU convolutions unfold their input.
 """
 
 import functools
 import os
+import subprocess
+import sys
+import tempfile
 from typing import NamedTuple, Optional
 
 from isbi_unet.errors import DataError
@@ -29,6 +38,7 @@ class OneFlowBackend:
     runtime = "OneFlow"
     uses_every_core = False  # eager CPU kernels keep about one core busy: more cores want more processes
     input_size = None  # any size that four poolings divide
+    fallback = None  # why --engine auto could not convert it for ONNX Runtime, when that is why it runs here
 
     def __init__(self, path, device, graph, threads):
         from isbi_unet.checkpoint import load_model
@@ -51,6 +61,7 @@ class OnnxBackend:
 
     runtime = "ONNX Runtime"
     uses_every_core = True  # ONNX Runtime's own threads
+    converted = False  # True for a OneFlow checkpoint converted as it loaded
 
     def __init__(self, path, device, graph, threads):
         session, self.state = load_onnx(path, threads)
@@ -58,25 +69,73 @@ class OnnxBackend:
         self.probabilities = onnx_forward(session)
 
 
-def backend_class(path, engine=ONNX_RUNTIME):
-    """The backend that runs the model at `path`: the one place where model kinds are told apart (by name); an
-    ONNX model runs in --engine's runtime."""
-    if not is_onnx(path):
+AUTO, ONEFLOW = "auto", "oneflow"  # --engine besides openvino_backend.ENGINES
+CHOICES = (AUTO, ONEFLOW, *ENGINES)
+CONVERT_INSTALL = "pip install -r requirements-onnx.txt, or `source setup.sh`"
+
+
+def runs_in(path, engine, device="cpu", graph=False):
+    """The engine that runs the model at `path` under --engine `engine`: `auto` is ONNX Runtime on a CPU and
+    OneFlow on a GPU or with --graph (nn.Graph is OneFlow's); an .onnx file never runs in OneFlow."""
+    if engine == AUTO:
+        engine = ONEFLOW if graph or str(device).startswith("cuda") else ONNX_RUNTIME
+    return ONNX_RUNTIME if engine == ONEFLOW and is_onnx(path) else engine
+
+
+def backend_class(path, engine=ONEFLOW):
+    """The backend class that runs the model at `path` in the (resolved) `engine`: the one place where model kinds
+    are told apart (by name). A checkpoint in ONNX Runtime or OpenVINO is that backend on its conversion."""
+    engine = runs_in(path, engine)
+    if engine == ONEFLOW:
         return OneFlowBackend
     return OnnxBackend if engine == ONNX_RUNTIME else OpenVinoBackend
 
 
-def open_model(path, device="cpu", graph=False, threads=None, engine=ONNX_RUNTIME):
-    """The model at `path`, loaded and checked (a bad file is one DataError), behind its backend."""
-    kind = backend_class(path, engine)
+def open_model(path, device="cpu", graph=False, threads=None, engine=ONEFLOW):
+    """The model at `path`, loaded and checked (a bad file is one DataError), behind the backend of its engine."""
+    resolved = runs_in(path, engine, device, graph)
+    if resolved != ONEFLOW and not is_onnx(path):
+        try:
+            return open_converted(path, threads, resolved)
+        except DataError as e:
+            if engine != AUTO:
+                raise
+            backend = OneFlowBackend(path, device=device, graph=graph, threads=threads)  # its own refusal first
+            backend.fallback = str(e)  # e.g. a bilinear model, which OneFlow's converter cannot take
+            return backend
+    kind = backend_class(path, resolved)
     if kind is OpenVinoBackend:
-        return OpenVinoBackend(path, threads, ENGINES[engine])
+        return OpenVinoBackend(path, threads, ENGINES[resolved])
     return kind(path, device=device, graph=graph, threads=threads)
 
 
-def uses_every_core(paths):
+def open_converted(path, threads, engine):
+    """A OneFlow checkpoint converted to ONNX (in a temporary folder, gone once the runtime holds the model) and run
+    in `engine`. The converter runs in a child: it compiles an nn.Graph, prints OneFlow's log and keeps about 260
+    MB, all of which end with the child."""
+    with tempfile.TemporaryDirectory(prefix="isbi-unet-convert-") as folder:
+        onnx = os.path.join(folder, "model.onnx")
+        convert_checkpoint(path, onnx)
+        backend = open_model(onnx, threads=threads, engine=engine)
+    backend.converted = True
+    return backend
+
+
+def convert_checkpoint(path, out):
+    """`python3 -m isbi_unet.onnx_export path out`; its `error:` line becomes this process's DataError."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "isbi_unet.onnx_export", os.path.abspath(path), out]
+    proc = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        said = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        reason = said[-1][len("error: ") :] if said else (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DataError(f"{path}: could not be converted for ONNX Runtime (exit {proc.returncode}): {reason}")
+
+
+def uses_every_core(paths, engine=ONEFLOW, device="cpu", graph=False):
     """Whether every model's runtime spreads itself over the cores, so that one process is enough."""
-    return all(backend_class(p).uses_every_core for p in paths)
+    return all(backend_class(p, runs_in(p, engine, device, graph)).uses_every_core for p in paths)
 
 
 def threads_per_process(workers):
@@ -102,7 +161,7 @@ class Spec(NamedTuple):
     overlap: int = 64
     tta: bool = False
     threads: Optional[int] = None
-    engine: str = ONNX_RUNTIME  # what runs the ONNX models (openvino_backend.ENGINES)
+    engine: str = ONEFLOW  # what runs the models (CHOICES); the command's default is AUTO
 
 
 class Predictor:
@@ -160,17 +219,21 @@ class Predictor:
     def record(self):
         """run.json's fields on the models: scalars for one, lists for an ensemble."""
         epochs, configs = [s.get("epoch") for s in self.states], [s["model_config"] for s in self.states]
+        runtimes = [runtime_name(b) for b in self.backends] if self.backends else None
         one = len(self.states) == 1
-        return {"checkpoint_epoch": epochs[0] if one else epochs, "model_config": configs[0] if one else configs}
+        return {
+            "checkpoint_epoch": epochs[0] if one else epochs,
+            "model_config": configs[0] if one else configs,
+            "runtime": runtimes[0] if one and runtimes else runtimes,
+        }
 
     def describe_settings(self):
         """`, tiles 256, TTA, graph, ONNX Runtime`: what the summary line names of how the maps were made."""
         tiles = f", tiles {self.tile}" if self.tile else ""
         graph = ", graph" if self.spec and self.spec.graph else ""
-        onnx = ", ONNX Runtime" if OnnxBackend.runtime in self.runtimes else ""
-        vino = [b for b in self.backends if isinstance(b, OpenVinoBackend)]
-        onnx += f", OpenVINO {vino[0].precision}" if vino else ""
-        return f"{tiles}{', TTA' if self.tta else ''}{graph}{onnx}"
+        names = list(dict.fromkeys(runtime_name(b) for b in self.backends))
+        engines = "" if names == ["OneFlow"] else ", " + " and ".join(names)
+        return f"{tiles}{', TTA' if self.tta else ''}{graph}{engines}"
 
     def describe(self):
         """`UNet{config}, epoch E` for one model, `mean of N checkpoints, epochs E1, E2` for an ensemble."""
@@ -178,6 +241,12 @@ class Predictor:
             return f"UNet{self.states[0]['model_config']}, epoch {self.states[0].get('epoch')}"
         epochs = ", ".join(str(s.get("epoch")) for s in self.states)
         return f"mean of {len(self.states)} checkpoints, epochs {epochs}"
+
+
+def runtime_name(backend):
+    """`ONNX Runtime`, `OpenVINO bf16`, `OneFlow`, with `(converted)` for a checkpoint converted as it loaded."""
+    name = backend.runtime + (f" {backend.precision}" if isinstance(backend, OpenVinoBackend) else "")
+    return name + (" (converted)" if getattr(backend, "converted", False) else "")
 
 
 @functools.lru_cache(maxsize=1)

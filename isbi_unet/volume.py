@@ -437,7 +437,8 @@ class PoolExecutor:
 
     def __init__(self, workers):
         self.workers = workers
-        self.scratch = tempfile.mkdtemp(prefix="isbi-unet-windows-")
+        sweep_scratch()
+        self.scratch = tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-")
         self.spilled = {}  # future -> its window files
         self.pool = self.start()
 
@@ -476,6 +477,27 @@ class PoolExecutor:
     def close(self):
         self.stop()
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+SCRATCH = "isbi-unet-windows-"  # + the parent's pid: the temporary folder of a pool's windows
+
+
+def sweep_scratch():
+    """Removes the window folders of runs whose process is gone: a SIGKILLed run cannot remove its own."""
+    for name in os.listdir(tempfile.gettempdir()):
+        pid = name[len(SCRATCH) :].split("-")[0]
+        if name.startswith(SCRATCH) and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(os.path.join(tempfile.gettempdir(), name), ignore_errors=True)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class Spilled(NamedTuple):
@@ -553,8 +575,9 @@ def block_pixels(block):
 class Engine:
     """Runs `blocks` (not yet in `journal`) of `source` through `executor` into `sinks`."""
 
-    def __init__(self, source, spec, sinks, executor, journal, progress=True):
+    def __init__(self, source, spec, sinks, executor, journal, progress=True, max_in_flight=None):
         self.source, self.spec, self.sinks, self.executor, self.journal = source, spec, sinks, executor, journal
+        self.max_in_flight = max_in_flight
         self.per_slice = any(s.per_slice for s in sinks)
         self.stats = {}
         self.progress = progress
@@ -612,9 +635,10 @@ class Engine:
         return {b for blocks in self.arrived.values() for b in blocks}
 
     def drain(self, queue, progress):
-        """Submits blocks from `queue` (at most 2 x workers in flight) and writes results until it is empty."""
+        """Submits blocks from `queue` (at most 2 x workers in flight, and at most max_in_flight) and writes results
+        until it is empty."""
         in_flight = {}
-        limit = 2 * self.executor.workers
+        limit = min(2 * self.executor.workers, self.max_in_flight or 2 * self.executor.workers)
         while queue or in_flight:
             while queue and len(in_flight) < limit:
                 block = queue.pop()
@@ -648,9 +672,9 @@ class Engine:
             self.journal.add(self.arrived.pop(block.z))
 
 
-def run_blocks(source, blocks, spec, sinks, executor, journal, progress=True):
+def run_blocks(source, blocks, spec, sinks, executor, journal, progress=True, max_in_flight=None):
     """Predicts every block of `blocks` not yet in `journal` into `sinks`; see Engine."""
-    Engine(source, spec, sinks, executor, journal, progress).run(blocks)
+    Engine(source, spec, sinks, executor, journal, progress, max_in_flight).run(blocks)
 
 
 # ---------------------------------------------------------------------------------------------------- a prediction run
@@ -718,6 +742,17 @@ def choose_side(max_memory_gb, tile, workers, runtimes, width, tta, shapes):
             f"slices: they need at least about {floor:.1f} GB (fewer --workers need less)"
         )
     return side
+
+
+def windows_in_flight(max_memory_gb, side, shapes):
+    """How many blocks this process may keep in flight when it only reads and writes them (a Dask cluster runs the
+    forward passes): a float32 window and its float32 result each, within --max_memory beside the process and
+    its slices. The cluster's scheduler holds the same windows until their tasks end."""
+    largest = max(shapes, key=lambda s: s[0] * s[1])
+    left = max_memory_gb * GB - PROCESS_BYTES - SLICE_BYTES_PER_PIXEL * largest[0] * largest[1]
+    hp, wp = padded_shape(largest)
+    per_block = 4 * (min(window_pixels(side), hp * wp) + min(side * side, largest[0] * largest[1]))
+    return max(1, int(left // per_block))
 
 
 def check_sizes(source):

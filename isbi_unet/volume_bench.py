@@ -109,7 +109,9 @@ def predict_row(script, checkpoint, stack, out, workers, extra, pixels):
     }
 
 
-def volume_benchmark(script, checkpoint, slices_dir, scratch, side, sizes_mb, workers, whole_memory=None):
+def volume_benchmark(
+    script, checkpoint, slices_dir, scratch, side, sizes_mb, workers, whole_memory=None, engine="auto"
+):
     """Rows for every stack size and worker count (and, with `whole_memory`, the smallest stack with one block per
     slice under that --max_memory, for the blockwise overhead)."""
     rows = []
@@ -117,11 +119,11 @@ def volume_benchmark(script, checkpoint, slices_dir, scratch, side, sizes_mb, wo
         stack = os.path.join(scratch, f"stack_{side}_{megabytes}MB.tif")
         pages = build_stack(stack, slices_dir, side, megabytes)
         pixels = pages * side * side
-        runs = [(w, []) for w in workers]
+        runs = [(w, ["--engine", engine]) for w in workers]
         if whole_memory and megabytes == min(sizes_mb):
-            runs.append((1, ["--max_memory", str(whole_memory)]))
+            runs.append((1, ["--engine", engine, "--max_memory", str(whole_memory)]))
         for w, extra in runs:
-            out = os.path.join(scratch, f"out_{side}_{megabytes}_{w}_{len(extra)}")
+            out = os.path.join(scratch, f"out_{side}_{megabytes}_{w}_{len(extra)}")  # extra: engine, whole
             row = predict_row(script, checkpoint, stack, out, w, extra, pixels)
             shutil.rmtree(out)
             rows.append({"size_mb": round(pixels / 2**20), "slices": pages, "side": side, **row})

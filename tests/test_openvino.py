@@ -1,6 +1,6 @@
 """--engine: OpenVINO runs the .onnx exports besides ONNX Runtime, f32 with the same probabilities (within 1e-6),
 bf16 only when asked for by name and then close (within 0.05 here; 0.012 measured on ISBI slices), each named in
-the summary and the record; a OneFlow checkpoint with an OpenVINO engine is one line."""
+the summary and the record (OneFlow checkpoints in OpenVINO: tests/test_checkpoint_engines.py)."""
 
 import json
 
@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from test_onnx import exported  # noqa: F401  the session's export, made once
 
-from conftest import assert_fails, predict_script
+from conftest import predict_script
 
 pytest.importorskip("onnxruntime")  # requirements-onnx.txt and -openvino.txt install only on CPython 3.10+
 pytest.importorskip("openvino")
@@ -33,10 +33,3 @@ def test_openvino_f32_keeps_the_answer_and_bf16_is_named(exported, trained_run, 
     assert 0 < np.abs(probabilities(tmp_path / "openvino-bf16") - reference).max() <= 0.05
     assert "OpenVINO f32" in out["openvino"] and "OpenVINO bf16" in out["openvino-bf16"]
     assert json.loads((tmp_path / "openvino-bf16" / "run.json").read_text())["args"]["engine"] == "openvino-bf16"
-
-
-def test_an_openvino_engine_needs_an_onnx_model(trained_run, tmp_path):
-    proc = predict_script(
-        trained_run / "last", trained_run.parent / "data" / "test", tmp_path / "r", "--engine", "openvino", check=False
-    )
-    assert_fails(proc, "--engine openvino runs .onnx models")

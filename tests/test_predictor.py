@@ -77,6 +77,7 @@ def test_a_process_loads_each_checkpoint_once_however_many_slices(checkpoints, i
 def test_the_kind_of_model_is_told_by_its_path():
     assert predictor.backend_class("runs/a/unet.ONNX") is OnnxBackend
     assert predictor.backend_class("runs/a/last") is OneFlowBackend
+    assert predictor.backend_class("runs/a/last", "onnxruntime") is OnnxBackend  # on its conversion
     assert predictor.uses_every_core(["a.onnx", "b.onnx"]) and not predictor.uses_every_core(["a.onnx", "last"])
 
 
@@ -102,7 +103,8 @@ def test_fixed_sizes_that_cannot_work_are_refused(sizes, tile, message):
 
 def test_run_json_fields_are_scalars_for_one_model_and_lists_for_an_ensemble(checkpoints):
     one, both = Predictor.open(Spec(checkpoints[:1])), Predictor.open(Spec(tuple(checkpoints), tile=32, tta=True))
-    assert one.record() == {"checkpoint_epoch": 0, "model_config": one.states[0]["model_config"]}
+    config = one.states[0]["model_config"]
+    assert one.record() == {"checkpoint_epoch": 0, "model_config": config, "runtime": "OneFlow"}
     assert both.record()["checkpoint_epoch"] == [0, 1] and len(both.record()["model_config"]) == 2
     assert one.describe().endswith(", epoch 0") and one.describe_settings() == ""
     assert both.describe() == "mean of 2 checkpoints, epochs 0, 1" and both.describe_settings() == ", tiles 32, TTA"

@@ -183,6 +183,7 @@ def test_one_process_loads_each_checkpoint_once(data, trained, tmp_path, monkeyp
     load_model = checkpoint.load_model
     monkeypatch.setattr(checkpoint, "load_model", lambda path, device: loads.append(path) or load_model(path, device))
     args = ["--Test_Data_path", f"{data}/test", "--save_res_path", tmp_path / "res", "--workers", 1]
+    args += ["--engine", "oneflow"]  # loaded here (the default converts each in a child, which loads it there)
     predict_unet_test.main([str(a) for a in ["--checkpoint", trained / "best", trained / "last", *args]])
     assert loads == [str(trained / "best"), str(trained / "last")]
     assert len(list((tmp_path / "res" / "prob").glob("*.png"))) == 3

@@ -89,12 +89,12 @@ def test_any_cut_and_any_worker_count_give_the_same_files(trained_run, stack, re
 
 def test_blocks_equal_the_whole_image_pass_of_the_predictor(trained_run, stack, tmp_path):
     from isbi_unet.images import read_slice
-    from isbi_unet.predictor import Predictor, Spec
+    from isbi_unet.predictor import AUTO, Predictor, Spec
 
     res = tmp_path / "res"
     predict_script(trained_run / "best", stack, res, "--tile", 16, "--workers", 1)
     ok, pages = cv2.imreadmulti(str(res / "submission.tif"), flags=cv2.IMREAD_UNCHANGED)
-    predictor = Predictor.open(Spec((str(trained_run / "best"),)))
+    predictor = Predictor.open(Spec((str(trained_run / "best"),), engine=AUTO))  # the command's engine
     for z in (0, 17, 39):
         np.testing.assert_array_equal(pages[z], predictor(read_slice(stack, str(z))))
 
@@ -278,7 +278,69 @@ def test_long_runs_report_progress_without_a_terminal(trained_run, stack, tmp_pa
 
     monkeypatch.setattr(volume, "QUIET_SECONDS", 0)  # a line per tenth from the start (10 s of quiet otherwise)
     args = ["--checkpoint", trained_run / "best", "--Test_Data_path", stack, "--save_res_path", tmp_path / "res"]
-    predict_unet_test.main([str(a) for a in [*args, "--workers", 1, "--tile", 48]])
+    predict_unet_test.main([str(a) for a in [*args, "--workers", 1, "--tile", 48, "--engine", "oneflow"]])
     progress = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("predicted ")]
     assert [words[1] for words in progress] == [f"{p}%" for p in range(10, 101, 10)]
     assert progress[-1][2:6] == ["(0.3", "of", "0.3", "Mpx,"] and "Mpx/s," in progress[-1]
+
+
+class OneAtATime(LocalExecutor):
+    """Runs each block at submit time but hands back one per done(), as a busy cluster would: how many the engine
+    keeps in flight shows."""
+
+    workers = 8
+
+    def __init__(self):
+        self.most = 0
+
+    def done(self, futures):
+        self.most = max(self.most, len(futures))
+        return futures[:1]
+
+
+def test_a_cluster_gets_no_more_blocks_in_flight_than_the_budget_holds(trained_run, stack, tmp_path):
+    from isbi_unet.predictor import Spec
+
+    source = open_source(stack)
+    shapes = [source.shape(z) for z in range(3)]
+    blocks = plan_volume(source, 32)[: 3 * 9]
+    runs = {}
+    for limit in (None, 3):
+        sink, executor = ArraySink(shapes), OneAtATime()
+        journal = Journal(str(tmp_path / f"{limit}.journal"), {})
+        run_blocks(source, blocks, Spec((str(trained_run / "best"),)), [sink], executor, journal, False, limit)
+        runs[limit] = executor.most, [sink.probs[z] for z in range(3)]
+    assert runs[None][0] == 16 and runs[3][0] == 3  # 2 per worker thread, unless the budget holds fewer
+    for a, b in zip(runs[None][1], runs[3][1]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_blocks_in_flight_on_a_cluster_follow_the_budget():
+    from isbi_unet.volume import windows_in_flight
+
+    # 2.75 GB, less the process (0.37 GB) and 8 B per pixel of the 2048x2048 slice, over a 1216x1216 window and a
+    # 1024x1024 result in float32
+    assert windows_in_flight(2.75, 1024, [(2048, 2048)]) == int(
+        (2.75e9 - 0.37e9 - 8 * 2048**2) // (4 * (1216**2 + 1024**2))
+    )
+    assert windows_in_flight(8, 1024, [(2048, 2048)]) > windows_in_flight(2.75, 1024, [(2048, 2048)]) > 100
+    assert windows_in_flight(0.1, 1024, [(2048, 2048)]) == 1  # never none: the run goes on, one block at a time
+    assert windows_in_flight(2.75, 512, [(100, 100)]) > windows_in_flight(2.75, 512, [(512, 512)])  # small slices
+
+
+def test_window_folders_of_killed_runs_are_swept(tmp_path, monkeypatch):
+    import tempfile
+
+    from isbi_unet import volume
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = os.fork()  # a pid that has ended (Popen would be skipped under --fast)
+    if gone == 0:
+        os._exit(0)
+    os.waitpid(gone, 0)
+    names = [f"{volume.SCRATCH}{gone}-abc", f"{volume.SCRATCH}{os.getpid()}-def", f"{volume.SCRATCH}old", "mine"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "w.npy").write_bytes(b"x")
+    volume.sweep_scratch()
+    assert sorted(os.listdir(tmp_path)) == sorted(names[1:])
