@@ -65,6 +65,9 @@ def open_session(path, threads=None, model=None):
         options.intra_op_num_threads = threads
     # Spinning threads wait faster on an idle machine but lose a third of the speed on a busy one (measured).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # A memory pattern is planned and kept per input shape; blocks at image borders have shapes of their own, and the
+    # patterns added up: width-64 blocks of 800 px peaked at 3.7 GB with them, 1.7 GB without (96 s instead of 93 s).
+    options.enable_mem_pattern = False
     try:
         return ort.InferenceSession(path if model is None else model, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # ONNX Runtime raises its own types for truncated or foreign files
