@@ -115,8 +115,8 @@ def parse_args(argv=None):
         "--workers",
         type=int,
         bounds=(1, 4096),  # more than the cores is capped to them, with a warning
-        help="processes sharing the blocks (default: 1 on CUDA or with only .onnx models, whose ONNX Runtime "
-        "uses every core itself; else one per CPU core, at most 4)",
+        help="processes sharing the blocks (default: 1 on CUDA, and where ONNX Runtime or OpenVINO runs every model, "
+        "using every core itself, as on a CPU by default; else, --engine oneflow, one per CPU core, at most 4)",
     )
     p.add_argument(
         "--engine",

@@ -694,6 +694,18 @@ PROCESS_BYTES = 0.37 * GB  # the parent before its first window: Python, OneFlow
 # A pool worker: the same (a spawned worker imports the script, and so OneFlow) and about 130 MB more, from the
 # peaks measured with 2 workers (benchmark.py --volume: 2.3 GB for ONNX, 2.7 GB for OneFlow at 2.5 GB).
 WORKER_BYTES = 0.5 * GB
+# A model's weights, held by each process that runs it: 7.8 MB of float32 at width 16, growing with width squared;
+# ONNX Runtime held 2.5 times them once loaded (tools/block_memory.py: 91, 155 and 389 MB at widths 16, 32 and 64),
+# OneFlow less. PROCESS_BYTES and WORKER_BYTES were measured at width 16.
+WEIGHT_BYTES_16 = 7.8e6
+WEIGHT_COPIES = 2.5
+
+
+def model_bytes(width):
+    """What a process holds for a model of `width` beyond what the width-16 model measured above it held."""
+    return WEIGHT_COPIES * WEIGHT_BYTES_16 * max(0.0, (width / WIDTH_MEASURED) ** 2 - 1)
+
+
 # The parent per pixel of its largest slice: two slices read (1 B each) and their PNG maps (2 B each), and what
 # the 8192x8192 section's measured peak showed beyond the estimate (2.69 GB measured, 2.24 GB estimated).
 SLICE_BYTES_PER_PIXEL = 8
@@ -712,6 +724,7 @@ def memory_plan(max_memory_gb, workers, runtimes, width, tta, shapes):
     largest = max(shapes, key=lambda s: s[0] * s[1])
     pool = workers if workers > 1 else 0  # one worker runs in the parent
     fixed = PROCESS_BYTES + pool * WORKER_BYTES + SLICE_BYTES_PER_PIXEL * largest[0] * largest[1]
+    fixed += (1 + pool) * model_bytes(width)
     # each process in flight runs one forward; the parent holds two float32 windows and results per worker
     per = workers * (forward_bytes_per_pixel(runtimes, width, tta) + 16)
     hp, wp = padded_shape(largest)
