@@ -252,6 +252,20 @@ def trained_run(tmp_path_factory):
     return root / "ckpt"
 
 
+@pytest.fixture(scope="session")
+def bilinear(tmp_path_factory):
+    """A checkpoint of a bilinear U-Net (untrained), which OneFlow's ONNX converter cannot take."""
+    import oneflow as flow
+
+    from isbi_unet.checkpoint import save_checkpoint
+    from unet import UNet
+
+    flow.manual_seed(0)
+    path = tmp_path_factory.mktemp("bilinear") / "ckpt"
+    save_checkpoint(path, UNet(1, 1, bilinear=True, width=4), epoch=0)
+    return path
+
+
 @pytest.fixture
 def trained(trained_run, tmp_path):
     """This test's own copy of trained_run's checkpoint folder (trained on the same data as `data`)."""

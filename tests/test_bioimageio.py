@@ -291,19 +291,6 @@ def test_a_package_without_its_weights_is_one_line(package, tmp_path):
     assert not (tmp_path / "res").exists()
 
 
-@pytest.fixture(scope="module")
-def bilinear(tmp_path_factory):
-    import oneflow as flow
-
-    from isbi_unet.checkpoint import save_checkpoint
-    from unet import UNet
-
-    flow.manual_seed(0)
-    path = tmp_path_factory.mktemp("bilinear") / "ckpt"
-    save_checkpoint(path, UNet(1, 1, bilinear=True, width=4), epoch=0)
-    return path
-
-
 def test_a_model_the_converter_cannot_take_writes_no_package(bilinear, check_data, tmp_path):
     out = tmp_path / "bilinear.zip"
     proc = run("export_onnx.py", *export_args(bilinear, out, check_data, "--torch_python", "none"), check=False)

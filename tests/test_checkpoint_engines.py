@@ -59,20 +59,6 @@ def test_a_checkpoint_runs_in_openvino_when_asked(trained_run, tmp_path):
     assert np.abs(probabilities(tmp_path / "vino") - probabilities(tmp_path / "flow")).max() <= 1e-6
 
 
-@pytest.fixture(scope="module")
-def bilinear(tmp_path_factory):
-    """A checkpoint of a bilinear U-Net, which OneFlow's ONNX converter cannot take."""
-    import oneflow as flow
-
-    from isbi_unet.checkpoint import save_checkpoint
-    from unet import UNet
-
-    flow.manual_seed(0)
-    path = tmp_path_factory.mktemp("bilinear") / "ckpt"
-    save_checkpoint(path, UNet(1, 1, bilinear=True, width=4), epoch=0)
-    return path
-
-
 def test_a_model_the_converter_cannot_take_runs_in_oneflow(bilinear, trained_run, tmp_path):
     images = trained_run.parent / "data" / "test"
     proc = predict_script(bilinear, images, tmp_path / "auto")
@@ -82,5 +68,5 @@ def test_a_model_the_converter_cannot_take_runs_in_oneflow(bilinear, trained_run
     named = predict_script(
         bilinear, images, tmp_path / "named", "--engine", "onnxruntime", "--device", "cpu", check=False
     )
-    assert_fails(named, str(bilinear), "could not be converted for ONNX Runtime")
+    assert_fails(named, str(bilinear), "could not be converted to ONNX")
     assert not (tmp_path / "named").exists()

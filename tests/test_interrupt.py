@@ -17,14 +17,16 @@ from test_dead_rank import alive, children, maps, wait_until
 from test_multinode import listening
 from test_resume import read_epochs, start_training, wait_for_epoch_line, weights
 
-from conftest import REPO, TINY, assert_fails, free_port, run, write_dataset
+from conftest import ONEFLOW_LOG, REPO, TINY, assert_fails, free_port, run, write_dataset
 from isbi_unet.process.interrupt import NOT_SAVED
 
 INTERRUPTED = r"error: interrupted at epoch (\d+) step (\d+); continue with --resume (\S+)"
 
 
 def stderr_lines(stderr):
-    return [line for line in stderr.splitlines() if "libibverbs not available" not in line]
+    return [
+        line for line in stderr.splitlines() if "libibverbs not available" not in line and not ONEFLOW_LOG.match(line)
+    ]
 
 
 def assert_interrupted(proc, stderr, ckpt, steps_per_epoch):
@@ -296,6 +298,37 @@ def test_ctrl_c_during_prediction_is_one_line_and_exit_130(trained_run, tmp_path
     assert proc.returncode == 130, stderr
     assert stderr_lines(stderr) == ["error: interrupted"], stderr
     assert len(os.listdir(res / "prob")) < 60  # it stopped, rather than finishing
+
+
+def converter_running(parent):
+    """Whether `parent` has a child converting a checkpoint to ONNX (isbi_unet/predictor.py's convert_checkpoint)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"isbi_unet.onnx_export" in command:
+            return True
+    return False
+
+
+def test_ctrl_c_while_a_checkpoint_is_converted_is_one_line_and_leaves_nothing(trained_run, tmp_path):
+    data = write_dataset(str(tmp_path / "data"), n_train=0, n_test=2, size=(64, 64))
+    res, scratch = tmp_path / "res", tmp_path / "tmp"
+    scratch.mkdir()
+    flags = ["--checkpoint", trained_run / "best", "--Test_Data_path", f"{data}/test", "--save_res_path", res]
+    cmd = [sys.executable, "predict_unet_test.py", *map(str, flags), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "TMPDIR": str(scratch)})  # fmt: skip
+    wait_until(lambda: converter_running(proc.pid), 120, "the converter started")
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the script and its converter
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr_lines(stderr) == ["error: interrupted"], stderr
+    assert not res.exists() and os.listdir(scratch) == []
 
 
 def test_ctrl_c_during_the_last_validation_exits_130_with_the_run_complete(data, tmp_path, monkeypatch):
