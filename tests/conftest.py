@@ -294,12 +294,14 @@ def pytest_addoption(parser):
     parser.addoption(
         "--fast", action="store_true", help="the edit-test loop's tier: skip every test that starts a process"
     )
+    parser.addoption("--all", action="store_true", help="also the slow tier: the longest end-to-end tests (CI runs it)")
 
 
 def pytest_configure(config):
     """Under --fast, starting any program but git (which run records ask for the commit) skips the test or
     fixture that asked for it: scripts, launchers and network namespaces are the slow part of the suite."""
     config.addinivalue_line("markers", "heavy: trains for real in the test process; skipped under --fast")
+    config.addinivalue_line("markers", "slow: one of the longest end-to-end tests (30-50 s each); only with --all")
     if not config.getoption("--fast"):
         return
     config.option.reportchars = config.option.reportchars.replace("s", "")  # one line below says why instead
@@ -315,11 +317,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under --fast, tests marked heavy (real training in this process) are skipped too: they are the full suite's."""
-    if config.getoption("--fast"):
-        for item in items:
-            if item.get_closest_marker("heavy"):
-                item.add_marker(pytest.mark.skip(reason="heavy: only in the full suite (bash tests/run.sh)"))
+    """Under --fast, tests marked heavy (real training in this process) are skipped too: they are the full suite's.
+    Tests marked slow run only with --all (what CI runs): the full suite stays within about 15 minutes."""
+    for item in items:
+        if config.getoption("--fast") and item.get_closest_marker("heavy"):
+            item.add_marker(pytest.mark.skip(reason="heavy: only in the full suite (bash tests/run.sh)"))
+        elif item.get_closest_marker("slow") and not config.getoption("--all"):
+            item.add_marker(pytest.mark.skip(reason="slow: only with --all (bash tests/run.sh --all, as CI runs)"))
 
 
 def pytest_terminal_summary(terminalreporter, config):

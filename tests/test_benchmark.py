@@ -32,6 +32,7 @@ def test_benchmark_rejects_a_missing_torch_interpreter(tmp_path):
     assert proc.returncode != 0 and "no such interpreter" in proc.stderr
 
 
+@pytest.mark.slow
 def test_data_parallel_modes_leave_both_processes_with_the_same_weights(tmp_path):
     run(
         "benchmark.py",

@@ -263,6 +263,7 @@ def test_a_package_whose_test_output_is_not_the_models_is_refused(trained_run, c
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_failing_torch_format_writes_no_package(trained_run, check_data, tmp_path):
     """torchscript weights that are not TorchScript (the state dict's bytes): its test_model fails, the others pass."""
     torch_python()

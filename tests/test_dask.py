@@ -138,6 +138,7 @@ def predict_on_cluster(procs, nodes, address, checkpoint, volume, res, name="pre
     )
 
 
+@pytest.mark.slow
 def test_two_workers_on_two_machines_give_the_one_process_answer(cluster, nodes, procs, checkpoint, tmp_path):
     address, _, _ = cluster
     volume = write_volume(tmp_path / "volume.ome.zarr", depth=4)
@@ -150,6 +151,7 @@ def test_two_workers_on_two_machines_give_the_one_process_answer(cluster, nodes,
     assert f"Dask cluster {address}" in out  # the summary names where the blocks ran
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_run_has_its_blocks_redone_and_changes_nothing(cluster, nodes, procs, checkpoint, tmp_path):
     address, scheduler, workers = cluster
     volume = write_volume(tmp_path / "volume.ome.zarr", depth=16)
@@ -169,6 +171,7 @@ def test_a_worker_killed_mid_run_has_its_blocks_redone_and_changes_nothing(clust
 # ------------------------------------------------------------------------------------------ bad clusters, one line
 
 
+@pytest.mark.slow
 def test_no_scheduler_is_one_line_in_bounded_time(checkpoint, tmp_path):
     volume = write_volume(tmp_path / "volume.ome.zarr", depth=1)
     address = f"tcp://127.0.0.1:{free_port()}"

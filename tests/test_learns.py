@@ -24,6 +24,7 @@ def real_slices(root, n=8):
 
 
 @pytest.mark.heavy  # about 30 s of real training: the full suite's
+@pytest.mark.slow
 def test_loss_falls_and_scores_rise_on_real_slices(tmp_path):
     data = real_slices(tmp_path / "data")
     flags = ["--width", 8, "--crop_size", 128, "--samples_per_slice", 4, "--batch_size", 4, "--lr", 3e-3]

@@ -58,6 +58,7 @@ def node_env(rank, nproc, nnodes=2):
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.slow
 def test_two_nodes_train_identically_only_rank0_writes_and_resume(nodes, repo_copy, procs, tmp_path, nproc):
     # The README's command for each node: NNODES=2 NODE_RANK=R MASTER_ADDR=... MASTER_PORT=... bash train.sh FLAGS
     ckpt = [tmp_path / "node0" / "ckpt", tmp_path / "node1" / "ckpt"]  # two machines' disks

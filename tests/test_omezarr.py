@@ -217,6 +217,7 @@ def test_predict_refuses_more_channels_before_writing_and_a_missing_chunk_in_one
     assert json.loads((tmp_path / "out" / "run.json").read_text())["finished"] is False  # never taken as a result
 
 
+@pytest.mark.slow
 def test_a_killed_run_on_ome_zarr_continues_to_the_uninterrupted_result(trained_run, procs, tmp_path):
     import sys
 

@@ -90,6 +90,7 @@ def test_get_data_refills_its_own_untouched_slices(tmp_path):
 
 
 @pytest.mark.parametrize("place", ["prob/mine.txt", "overlay/notes.txt"])
+@pytest.mark.slow
 def test_a_rerun_of_predict_keeps_a_users_file_in_a_sub_folder(data, trained, tmp_path, place):
     res = tmp_path / "R"
     predict_script(trained / "best", f"{data}/test", res)

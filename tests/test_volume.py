@@ -177,6 +177,7 @@ def test_a_stopped_run_with_other_settings_starts_over(trained_run, stack, refer
     assert results(res) == reference
 
 
+@pytest.mark.slow
 def test_a_dead_workers_blocks_are_redone(trained_run, stack, tta_reference, tmp_path):
     res = tmp_path / "res"
     proc = start(trained_run, stack, res, "--tile", 32, "--tta", "--workers", 2)
