@@ -482,12 +482,23 @@ class PoolExecutor:
 SCRATCH = "isbi-unet-windows-"  # + the parent's pid: the temporary folder of a pool's windows
 
 
+SCRATCH_IDLE = 3600  # s: a live run writes windows into its folder all the time
+
+
 def sweep_scratch():
-    """Removes the window folders of runs whose process is gone: a SIGKILLed run cannot remove its own."""
+    """Removes the window folders of runs whose process is gone: a SIGKILLed run cannot remove its own. Only folders
+    idle for an hour, in case a /tmp is shared with another pid namespace, whose live pids are not seen here."""
     for name in os.listdir(tempfile.gettempdir()):
-        pid = name[len(SCRATCH) :].split("-")[0]
-        if name.startswith(SCRATCH) and pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(os.path.join(tempfile.gettempdir(), name), ignore_errors=True)
+        pid, path = name[len(SCRATCH) :].split("-")[0], os.path.join(tempfile.gettempdir(), name)
+        if name.startswith(SCRATCH) and pid.isdigit() and not process_alive(int(pid)) and idle(path, SCRATCH_IDLE):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def idle(path, seconds):
+    try:
+        return time.time() - os.path.getmtime(path) > seconds
+    except OSError:
+        return False
 
 
 def process_alive(pid):

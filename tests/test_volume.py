@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -343,5 +344,10 @@ def test_window_folders_of_killed_runs_are_swept(tmp_path, monkeypatch):
     for name in names:
         (tmp_path / name).mkdir()
         (tmp_path / name / "w.npy").write_bytes(b"x")
+    recent = f"{volume.SCRATCH}{gone}-new"  # a dead pid, but written to a minute ago: perhaps another namespace's
+    (tmp_path / recent).mkdir()
+    for name in names:
+        os.utime(tmp_path / name, (time.time() - 7200,) * 2)
+    os.utime(tmp_path / recent, (time.time() - 60,) * 2)
     volume.sweep_scratch()
-    assert sorted(os.listdir(tmp_path)) == sorted(names[1:])
+    assert sorted(os.listdir(tmp_path)) == sorted(names[1:] + [recent])
