@@ -35,9 +35,9 @@ from isbi_unet.errors import DataError, atomic_write, check_apart, check_output_
 from isbi_unet.flags import Above, Parser
 from isbi_unet.formats import POOL
 from isbi_unet.images import preprocess, read_slice, slice_names
-from isbi_unet.onnx_export import MAX_OPSET, MIN_OPSET, add_metadata, convert, free_sizes
+from isbi_unet.onnx_export import MAX_OPSET, MIN_OPSET, write_onnx
 from isbi_unet.outputs import claim_file
-from isbi_unet.process import run_main, signals_held
+from isbi_unet.process import run_main
 
 DEFAULT_OUT = "unet.onnx"
 MAX_SIZE = 4096  # the check runs the model on one SIZE x SIZE slice: a width-64 one there takes about 8 GB
@@ -170,10 +170,7 @@ def max_difference(model, path, inputs):
 
 def export(args, model, state, image, path):
     """Converts, frees the sizes, adds the metadata and checks `path`; DataError when the check fails."""
-    with signals_held():  # the converter's bare `except:` clauses would swallow a Ctrl-C (isbi_unet/process)
-        convert(model, args.size, path, args.opset)
-    free_sizes(path, args.opset)
-    add_metadata(path, state, args.size, args.checkpoint)
+    write_onnx(model, state, args.checkpoint, path, args.size, args.opset)
     diff = max_difference(model, path, check_inputs(image, args.size))
     if diff > args.tolerance:
         out = args.out or args.bioimageio

@@ -4,28 +4,29 @@ benchmark.py and prediction's ONNX Runtime engine all run.
     convert(model, size, "unet.onnx")     # compiled as an nn.Graph at 1x1xSIZExSIZE, sigmoid included
     free_sizes("unet.onnx", MIN_OPSET)     # pixel shuffles -> DepthToSpace: batch, height and width free
     add_metadata("unet.onnx", state, size, checkpoint)   # what isbi_unet/onnx_backend.py reads back
+    write_onnx(model, state, checkpoint, "unet.onnx", size, opset)   # all three
 
-    python3 -m isbi_unet.onnx_export CHECKPOINT OUT.onnx   # all three, unchecked: predictor.py runs it in a child
+    python3 -m isbi_unet.onnx_export CHECKPOINT OUT.onnx   # write_onnx, unchecked: predictor.py runs it in a child
 
 The converter writes each up-convolution's pixel shuffle as reshapes to the traced shape; they become ONNX
 DepthToSpace (opset 11 or more, at the lowest IR version that opset allows).
 """
 
-from isbi_unet.process.interrupt import guard_start_up
+from isbi_unet.process.interrupt import guard_start_up, signals_held
 
 if __name__ == "__main__":
     guard_start_up()  # a Ctrl-C inside `import oneflow` (isbi_unet/process/interrupt.py)
 
-import json  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
+import json
+import os
+import sys
+import tempfile
 
-import numpy as np  # noqa: E402
-import oneflow as flow  # noqa: E402
+import numpy as np
+import oneflow as flow
 
-from isbi_unet import onnx_backend as ob  # noqa: E402
-from isbi_unet.errors import DataError  # noqa: E402
+from isbi_unet import onnx_backend as ob
+from isbi_unet.errors import DataError
 
 MIN_OPSET = 11  # DepthToSpace's CRD mode, the up-convolutions' pixel shuffle
 MAX_OPSET = 21  # the newest opset onnx 1.16 defines and ONNX Runtime 1.19 runs: a higher one fails in the checker
@@ -157,6 +158,15 @@ def add_metadata(path, state, size, checkpoint):
     onnx.save(model, path)
 
 
+def write_onnx(model, state, checkpoint, path, size, opset):
+    """The size-free ONNX file export_onnx.py writes, before its check: converted (a Ctrl-C meanwhile held until the
+    converter returns: its bare `except:` clauses would swallow it), sizes freed, metadata added."""
+    with signals_held():
+        convert(model, size, path, opset)
+    free_sizes(path, opset)
+    add_metadata(path, state, size, checkpoint)
+
+
 # A child converts at this size: the traced size does not matter once the sizes are freed, and compiling the graph
 # at 16 px keeps the child small.
 CHILD_SIZE = 16
@@ -166,14 +176,10 @@ def main(argv=None):
     """CHECKPOINT OUT: the checkpoint as the size-free ONNX file export_onnx.py writes, without its check against
     OneFlow (the caller compares what it needs). A bad checkpoint or a failed conversion is one `error:` line."""
     from isbi_unet.checkpoint import load_model
-    from isbi_unet.process import signals_held
 
     checkpoint, out = sys.argv[1:] if argv is None else argv
     model, state = load_model(checkpoint, "cpu")
-    with signals_held():  # the converter's bare `except:` clauses would swallow a Ctrl-C
-        convert(model, CHILD_SIZE, out, MIN_OPSET)
-    free_sizes(out, MIN_OPSET)
-    add_metadata(out, state, CHILD_SIZE, checkpoint)
+    write_onnx(model, state, checkpoint, out, CHILD_SIZE, MIN_OPSET)
 
 
 if __name__ == "__main__":

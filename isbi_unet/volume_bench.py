@@ -123,7 +123,7 @@ def volume_benchmark(
         if whole_memory and megabytes == min(sizes_mb):
             runs.append((1, ["--engine", engine, "--max_memory", str(whole_memory)]))
         for w, extra in runs:
-            out = os.path.join(scratch, f"out_{side}_{megabytes}_{w}_{len(extra)}")  # extra: engine, whole
+            out = os.path.join(scratch, f"out_{side}_{megabytes}_{w}_{len(extra)}")  # len: the whole run's own
             row = predict_row(script, checkpoint, stack, out, w, extra, pixels)
             shutil.rmtree(out)
             rows.append({"size_mb": round(pixels / 2**20), "slices": pages, "side": side, **row})

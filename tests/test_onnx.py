@@ -112,9 +112,8 @@ def test_other_sizes_run_whole_as_in_oneflow(exported, trained, tmp_path):
 @pytest.fixture
 def fixed_export(trained, tmp_path):
     """A file as export_onnx.py wrote it before its sizes were freed: the converter's 1x1xSIZExSIZE graph."""
-    from export_onnx import add_metadata
     from isbi_unet.checkpoint import load_model
-    from isbi_unet.onnx_export import convert
+    from isbi_unet.onnx_export import add_metadata, convert
 
     model, state = load_model(trained / "best")
     path = tmp_path / "fixed.onnx"
